@@ -1,0 +1,95 @@
+"""``mfs_evaluate``: evaluate a folder of predicted segmentations against reference labels.
+
+Example::
+
+    mfs_evaluate -ref nnUNet_raw/Dataset001/labelsTr -pred predictions/ -l 1 2 --regions "1,2" --tolerance 2
+
+Prints a compact per-class table (mean Dice, HD95, NSD) and writes the full summary JSON (default
+``PRED_DIR/summary_mfs.json``). See :mod:`medflowseg_nn.evaluation` for metric definitions and conventions.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from medflowseg_nn.evaluation import LabelOrRegion, evaluate_folder
+
+
+def _parse_region(text: str) -> tuple[int, ...]:
+    """Parse ``"1,2"`` (or ``"(1, 2)"``) into a region tuple."""
+    try:
+        region = tuple(int(t) for t in text.strip().strip("()").split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid region {text!r}: expected comma-separated integers like '1,2'")
+    if not region:
+        raise argparse.ArgumentTypeError(f"invalid region {text!r}: empty")
+    return region
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Argument parser of ``mfs_evaluate``."""
+    p = argparse.ArgumentParser(prog="mfs_evaluate", description="Evaluate predicted segmentations (Dice, HD95, "
+                                "NSD, volume difference) against reference labels; files are matched by name.")
+    p.add_argument("-ref", required=True, help="folder with the reference segmentations")
+    p.add_argument("-pred", required=True, help="folder with the predicted segmentations")
+    p.add_argument("-l", "--labels", type=int, nargs="+", default=None,
+                   help="labels to evaluate (default, if neither -l nor --regions is given: all nonzero labels found "
+                   "in the references)")
+    p.add_argument("--regions", type=_parse_region, nargs="+", default=None,
+                   help='regions (unions of labels) to evaluate in addition to -l, e.g. --regions "1,2" "2"')
+    p.add_argument("-o", "--output", default=None, help="output JSON (default: PRED_DIR/summary_mfs.json)")
+    p.add_argument("--tolerance", type=float, default=1.0, help="NSD tolerance in mm (default: 1.0)")
+    p.add_argument("--file_ending", default=".nii.gz", help="file ending of the segmentations (default: .nii.gz)")
+    p.add_argument("-np", "--num_processes", type=int, default=1, help="number of worker processes (default: 1)")
+    return p
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    """Format a summary value (``None`` = non-finite)."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(result: dict) -> str:
+    """Compact table of mean Dice / HD95 / NSD per class plus the foreground mean."""
+    rows = [("class", "Dice", "HD95 [mm]", "NSD", "HD95 inf")]
+    for key, m in result["mean"].items():
+        rows.append((key, _fmt(m["Dice"], 4), _fmt(m["HD95"], 2), _fmt(m["NSD"], 4), str(m["HD95_n_inf"])))
+    fg = result["foreground_mean"]
+    rows.append(("fg mean", _fmt(fg["Dice"], 4), _fmt(fg["HD95"], 2), _fmt(fg["NSD"], 4), str(fg["HD95_n_inf"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns 0 on success and 2 on usage errors (missing folder, no/unmatched files, ...)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse errors (code 2) and --help (code 0)
+        return int(e.code or 0)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+
+    labels: list[LabelOrRegion] | None = None
+    if args.labels is not None or args.regions is not None:
+        labels = list(args.labels or []) + list(args.regions or [])
+    output = args.output if args.output is not None else os.path.join(args.pred, "summary_mfs.json")
+    if args.num_processes < 1:
+        print(f"{parser.prog}: error: -np must be >= 1, got {args.num_processes}", file=sys.stderr)
+        return 2
+    try:
+        result = evaluate_folder(args.ref, args.pred, labels=labels, tolerance_mm=args.tolerance,
+                                 file_ending=args.file_ending, num_processes=args.num_processes, output_file=output)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{len(result['metric_per_case'])} case(s), NSD tolerance {args.tolerance} mm")
+    print(format_table(result))
+    print(f"summary written to {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""``mfs_train DATASET CONFIGURATION FOLD``: train a MedFlowSeg model with nnU-Net's training loop.
+
+Flags follow ``nnUNetv2_train``. Trainer classes are resolved by import (see :func:`trainers.get_trainer_class`),
+never through nnU-Net's name search, which fails with a CPU build of torch.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+
+from medflowseg_nn.cli._common import UserError, cli_errors, dataset_name, pick_device, require_env, setup_logging
+
+logger = logging.getLogger(__name__)
+DEFAULT_TRAINER = "MedFlowSegTrainer"
+DEFAULT_PLANS = "MedFlowSegPlans"
+
+
+def resolve_trainer_name(trainer: str, no_dbsa: bool = False, no_faa: bool = False) -> str:
+    """``--no_dbsa`` / ``--no_faa`` select the matching ablation variant of the default trainer."""
+    if not (no_dbsa or no_faa):
+        return trainer
+    if trainer != DEFAULT_TRAINER:
+        raise UserError(f"--no_dbsa/--no_faa select a variant of {DEFAULT_TRAINER}; with -tr {trainer} pick "
+                        f"the variant class directly (e.g. -tr {DEFAULT_TRAINER}_noAttention)")
+    return DEFAULT_TRAINER + ("_noAttention" if no_dbsa and no_faa else "_noDBSA" if no_dbsa else "_noFAA")
+
+
+def build_trainer(dataset: str, configuration: str, fold: Union[int, str], trainer: str = DEFAULT_TRAINER,
+                  plans: str = DEFAULT_PLANS, continue_training: bool = False,
+                  device: torch.device = torch.device("cpu")):
+    """Instantiate a trainer the way nnU-Net does, with clear errors for missing inputs."""
+    from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
+    from trainers import get_trainer_class
+
+    preprocessed = require_env("nnUNet_preprocessed")
+    require_env("nnUNet_results")
+    name = dataset_name(dataset)
+    plans_file = join(preprocessed, name, plans + ".json")
+    if not isfile(plans_file):
+        raise UserError(f"plans file {plans_file} not found — run `mfs_plan_and_preprocess -d {dataset}` first "
+                        f"(or pass -p with an existing plans identifier)")
+    plans_dict = load_json(plans_file)
+    if configuration not in plans_dict["configurations"]:
+        raise UserError(f"configuration {configuration!r} is not in {plans_file}; available: "
+                        f"{', '.join(plans_dict['configurations'])}")
+    plans_dict["continue_training"] = continue_training
+    trainer_class = get_trainer_class(trainer)
+    return trainer_class(plans=plans_dict, configuration=configuration, fold=fold,
+                         dataset_json=load_json(join(preprocessed, name, "dataset.json")), device=device)
+
+
+def _train_one(trainer, continue_training: bool, only_run_validation: bool, pretrained_weights: Optional[str],
+               npz: bool, disable_checkpointing: bool, val_with_best: bool) -> None:
+    from batchgenerators.utilities.file_and_folder_operations import isfile, join
+    from nnunetv2.run.run_training import maybe_load_checkpoint
+
+    trainer.disable_checkpointing = disable_checkpointing
+    if only_run_validation and not isfile(join(trainer.output_folder, "checkpoint_final.pth")):
+        raise UserError(f"--val needs {join(trainer.output_folder, 'checkpoint_final.pth')} — finish training first")
+    maybe_load_checkpoint(trainer, continue_training, only_run_validation, pretrained_weights)
+    if torch.cuda.is_available():
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
+    if not only_run_validation:
+        trainer.run_training()
+    if val_with_best:
+        trainer.load_checkpoint(join(trainer.output_folder, "checkpoint_best.pth"))
+    trainer.perform_actual_validation(npz)
+
+
+def _run_ddp(rank: int, world_size: int, kwargs: dict, run_kwargs: dict) -> None:
+    import torch.distributed as dist
+    dist.init_process_group("nccl", rank=rank, world_size=world_size)
+    torch.cuda.set_device(torch.device("cuda", dist.get_rank()))
+    try:
+        _train_one(build_trainer(**kwargs), **run_kwargs)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_training(dataset: str, configuration: str, fold: Union[int, str], trainer: str = DEFAULT_TRAINER,
+                 plans: str = DEFAULT_PLANS, pretrained_weights: Optional[str] = None, num_gpus: int = 1,
+                 npz: bool = False, continue_training: bool = False, only_run_validation: bool = False,
+                 disable_checkpointing: bool = False, val_with_best: bool = False,
+                 device: torch.device = torch.device("cpu")):
+    """Train (and validate) one fold; returns the trainer (``None`` for multi-GPU runs)."""
+    if fold != "all":
+        try:
+            fold = int(fold)
+        except ValueError as e:
+            raise UserError(f"fold must be an integer or 'all', got {fold!r}") from e
+    if continue_training and only_run_validation:
+        raise UserError("--c and --val cannot be used together")
+    if val_with_best and disable_checkpointing:
+        raise UserError("--val_best is not compatible with --disable_checkpointing")
+    kwargs = dict(dataset=dataset, configuration=configuration, fold=fold, trainer=trainer, plans=plans,
+                  continue_training=continue_training)
+    run_kwargs = dict(continue_training=continue_training, only_run_validation=only_run_validation,
+                      pretrained_weights=pretrained_weights, npz=npz, disable_checkpointing=disable_checkpointing,
+                      val_with_best=val_with_best)
+    if num_gpus > 1:
+        if device.type != "cuda":
+            raise UserError(f"-num_gpus {num_gpus} needs -device cuda")
+        import torch.multiprocessing as mp
+        from nnunetv2.run.run_training import find_free_network_port
+        os.environ.setdefault("MASTER_ADDR", "localhost")
+        os.environ.setdefault("MASTER_PORT", str(find_free_network_port()))
+        mp.spawn(_run_ddp, args=(num_gpus, kwargs, run_kwargs), nprocs=num_gpus, join=True)
+        return None
+    trainer_obj = build_trainer(device=device, **kwargs)
+    _train_one(trainer_obj, **run_kwargs)
+    return trainer_obj
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mfs_train", description=__doc__)
+    p.add_argument("dataset_name_or_id")
+    p.add_argument("configuration", help="2d, 3d_fullres, 3d_lowres, ...")
+    p.add_argument("fold", help="0-4 or 'all'")
+    p.add_argument("-tr", default=DEFAULT_TRAINER, help=f"trainer class (default {DEFAULT_TRAINER})")
+    p.add_argument("-p", default=DEFAULT_PLANS, help=f"plans identifier (default {DEFAULT_PLANS})")
+    p.add_argument("-pretrained_weights", default=None)
+    p.add_argument("-num_gpus", type=int, default=1)
+    p.add_argument("--npz", action="store_true", help="export softmax probabilities of the final validation")
+    p.add_argument("--c", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--val", action="store_true", help="only run the final validation")
+    p.add_argument("--val_best", action="store_true", help="validate with checkpoint_best.pth")
+    p.add_argument("--disable_checkpointing", action="store_true")
+    p.add_argument("--no_dbsa", action="store_true", help="ablation: no Dual-Branch Spatial Attention")
+    p.add_argument("--no_faa", action="store_true", help="ablation: no Frequency-Aware Attention")
+    p.add_argument("-device", default=None, help="cuda, cpu or mps (default: cuda when available)")
+    p.add_argument("--verbose", action="store_true")
+    return p
+
+
+@cli_errors
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    run_training(args.dataset_name_or_id, args.configuration, args.fold,
+                 resolve_trainer_name(args.tr, args.no_dbsa, args.no_faa), args.p, args.pretrained_weights,
+                 args.num_gpus, args.npz, args.c, args.val, args.disable_checkpointing, args.val_best,
+                 pick_device(args.device))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""The plans' ``flow_matching`` block as a typed, validated dataclass.
+
+Plans JSON is the single source of truth: the planner writes this block, the trainer reads it (and its one-
+concern variants edit it before the plans are copied into the results folder), the predictor reads it back
+from the results folder's ``plans.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from medflowseg_nn.flow.loss import PARAMETERIZATIONS
+from medflowseg_nn.flow.path import TimeSampler, build_time_sampler
+from medflowseg_nn.flow.solver import SolverConfig
+
+PLANS_KEY = "flow_matching"
+
+
+@dataclass(frozen=True)
+class NetworkOptions:
+    """Vector-field network options (see :class:`~medflowseg_nn.networks.vector_field_unet.VectorFieldUNet`).
+
+    ``dbsa_stages`` / ``faa_stages``: ``None`` = the default placement, ``[]`` = module off.
+    """
+
+    use_dbsa: bool = True
+    use_faa: bool = True
+    dbsa_stages: Optional[list[int]] = None
+    faa_stages: Optional[list[int]] = None
+    time_embed_dim: int = 128
+    cond_features_divisor: int = 4
+    faa_num_bands: int = 8
+
+    def network_kwargs(self) -> dict[str, Any]:
+        return {"dbsa_stages": self.dbsa_stages if self.use_dbsa else [],
+                "faa_stages": self.faa_stages if self.use_faa else [],
+                "time_embed_dim": self.time_embed_dim, "cond_features_divisor": self.cond_features_divisor,
+                "faa_num_bands": self.faa_num_bands}
+
+
+@dataclass(frozen=True)
+class FlowMatchingConfig:
+    """Everything about the flow that is not nnU-Net's.
+
+    Attributes:
+        parameterization: network output meaning, ``x1`` (clean mask) or ``velocity``.
+        time_sampler: ``uniform`` or ``logit_normal``; ``zero_fraction`` of each batch is drawn from
+            U(0, ``zero_width``) instead (exactly t = 0 when ``zero_width`` is 0).
+        mse_weight / seg_weight: weights of the flow MSE and of Dice + CE on the one-step estimate.
+        steps / solver / time_grid: default ODE integration at inference (1 step Euler = one network call).
+        prior_seed: seed of the Gaussian prior at inference.
+    """
+
+    parameterization: str = "x1"
+    time_sampler: str = "logit_normal"
+    zero_fraction: float = 0.5
+    zero_width: float = 0.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mse_weight: float = 1.0
+    seg_weight: float = 1.0
+    logit_scale: float = 5.0
+    steps: int = 1
+    solver: str = "euler"
+    time_grid: str = "uniform"
+    prior_seed: int = 0
+    network: NetworkOptions = field(default_factory=NetworkOptions)
+
+    def __post_init__(self) -> None:
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"flow_matching.parameterization must be one of {PARAMETERIZATIONS}, "
+                             f"got {self.parameterization!r}")
+        self.build_time_sampler()
+        self.solver_config()
+
+    def build_time_sampler(self) -> TimeSampler:
+        return build_time_sampler(self.time_sampler, self.zero_fraction, self.zero_width, self.logit_mean,
+                                  self.logit_std)
+
+    def solver_config(self, steps: Optional[int] = None, method: Optional[str] = None) -> SolverConfig:
+        return SolverConfig(steps=steps or self.steps, method=method or self.solver, grid=self.time_grid,
+                            euler_last_step=self.parameterization == "x1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict[str, Any]]) -> "FlowMatchingConfig":
+        d = dict(d or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown keys in the plans' flow_matching block: {sorted(unknown)}")
+        net = d.pop("network", None) or {}
+        net_names = {f.name for f in dataclasses.fields(NetworkOptions)}
+        if set(net) - net_names:
+            raise ValueError(f"unknown keys in flow_matching.network: {sorted(set(net) - net_names)}")
+        return cls(network=NetworkOptions(**net), **d)
+
+    @classmethod
+    def from_plans(cls, plans: dict[str, Any]) -> "FlowMatchingConfig":
+        """Read the block from a plans dict; plans without one (plain nnU-Net plans) get the defaults."""
+        return cls.from_dict(plans.get(PLANS_KEY))
+
+    def replace(self, **changes: Any) -> "FlowMatchingConfig":
+        return dataclasses.replace(self, **changes)
+
+    def with_network(self, **changes: Any) -> "FlowMatchingConfig":
+        return dataclasses.replace(self, network=dataclasses.replace(self.network, **changes))

@@ -1,0 +1,160 @@
+"""The MedFlowSeg vector field: a time-conditioned UNet v(x_t, t | image).
+
+Built from the same architecture keywords nnU-Net's planner writes for ``PlainConvUNet`` (stages, features,
+kernel sizes, strides, conv/norm/nonlin ops; ``conv_op`` decides 2D or 3D), so a plans file drives it directly.
+
+Inputs: ``image`` ``[B, C_img, *S]``, ``x_t`` ``[B, K, *S]``, ``t`` ``[B]``; output ``[B, K, *S]`` (raw: its
+meaning, velocity or clean-mask logits, is set by :mod:`medflowseg_nn.flow.loss`).
+
+Dual conditioning: the image enters as input channels (image ⊕ x_t) and, through a light conditioning
+encoder, as per-stage features injected into the skip connections by Dual-Branch Spatial Attention (DBSA).
+Frequency-Aware Attention (FAA) refines the low-resolution encoder stages and the bottleneck. Every stage is
+modulated by the time embedding. ``dbsa_stages=[]`` / ``faa_stages=[]`` switch the modules off (ablation).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence, Type, Union
+
+import numpy as np
+import torch
+from dynamic_network_architectures.building_blocks.helper import get_matching_convtransp, maybe_convert_scalar_to_list
+from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+from torch import Tensor, nn
+
+from medflowseg_nn.networks.dual_branch_spatial_attention import DualBranchSpatialAttention
+from medflowseg_nn.networks.frequency_aware_attention import FrequencyAwareAttention
+from medflowseg_nn.networks.time_embedding import TimeEmbedding, TimeModulation
+
+logger = logging.getLogger(__name__)
+IntOrSeq = Union[int, Sequence[int]]
+
+
+def default_faa_stages(n_stages: int) -> list[int]:
+    """FAA at the two lowest-resolution encoder stages (the last one is the bottleneck)."""
+    return list(range(max(0, n_stages - 2), n_stages))
+
+
+def default_dbsa_stages(n_stages: int) -> list[int]:
+    """DBSA on every skip connection."""
+    return list(range(n_stages - 1))
+
+
+def _as_list(v: IntOrSeq, n: int) -> list:
+    return list(v) if isinstance(v, (list, tuple)) else [v] * n
+
+
+class VectorFieldUNet(nn.Module):
+    def __init__(self, input_channels: int, num_classes: int, n_stages: int, features_per_stage: IntOrSeq,
+                 conv_op: Type[nn.Module], kernel_sizes: Sequence, strides: Sequence, n_conv_per_stage: IntOrSeq,
+                 n_conv_per_stage_decoder: IntOrSeq, conv_bias: bool = False,
+                 norm_op: Optional[Type[nn.Module]] = None, norm_op_kwargs: Optional[dict] = None,
+                 dropout_op: Optional[Type[nn.Module]] = None, dropout_op_kwargs: Optional[dict] = None,
+                 nonlin: Optional[Type[nn.Module]] = None, nonlin_kwargs: Optional[dict] = None,
+                 deep_supervision: bool = False, time_embed_dim: int = 128, cond_features_divisor: int = 4,
+                 dbsa_stages: Optional[Sequence[int]] = None, faa_stages: Optional[Sequence[int]] = None,
+                 faa_num_bands: int = 8):
+        super().__init__()
+        if deep_supervision:
+            logger.warning("VectorFieldUNet has no deep supervision; the flag is ignored")
+        features = _as_list(features_per_stage, n_stages)
+        kernel_sizes, strides = _as_list(kernel_sizes, n_stages), _as_list(strides, n_stages)
+        n_conv_enc = _as_list(n_conv_per_stage, n_stages)
+        n_conv_dec = _as_list(n_conv_per_stage_decoder, n_stages - 1)
+        self.input_channels, self.num_classes, self.n_stages = input_channels, num_classes, n_stages
+        self.strides = [tuple(maybe_convert_scalar_to_list(conv_op, s)) for s in strides]
+        self.features = features
+        self.dbsa_stages = sorted(default_dbsa_stages(n_stages) if dbsa_stages is None else dbsa_stages)
+        self.faa_stages = sorted(default_faa_stages(n_stages) if faa_stages is None else faa_stages)
+        if any(not 0 <= s < n_stages - 1 for s in self.dbsa_stages):
+            raise ValueError(f"dbsa_stages {self.dbsa_stages} must index skip connections 0..{n_stages - 2}")
+        if any(not 0 <= s < n_stages for s in self.faa_stages):
+            raise ValueError(f"faa_stages {self.faa_stages} must index stages 0..{n_stages - 1}")
+        block = dict(conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs, dropout_op=dropout_op,
+                     dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
+
+        self.time_embed = TimeEmbedding(time_embed_dim)
+        self.encoder = nn.ModuleList()
+        c_in = input_channels + num_classes
+        for s in range(n_stages):
+            self.encoder.append(StackedConvBlocks(n_conv_enc[s], conv_op, c_in, features[s], kernel_sizes[s],
+                                                  strides[s], **block))
+            c_in = features[s]
+        self.encoder_time = nn.ModuleList(TimeModulation(time_embed_dim, f) for f in features)
+
+        # light image encoder, only as deep as the deepest DBSA-conditioned skip
+        cond_depth = (max(self.dbsa_stages) + 1) if self.dbsa_stages else 0
+        self.cond_features = [max(8, features[s] // cond_features_divisor) for s in range(cond_depth)]
+        self.cond_encoder = nn.ModuleList()
+        c_in = input_channels
+        for s in range(cond_depth):
+            self.cond_encoder.append(StackedConvBlocks(1, conv_op, c_in, self.cond_features[s], kernel_sizes[s],
+                                                       strides[s], **block))
+            c_in = self.cond_features[s]
+
+        self.upsample = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        transp = get_matching_convtransp(conv_op)
+        for i, s in enumerate(range(n_stages - 2, -1, -1)):
+            self.upsample.append(transp(features[s + 1], features[s], strides[s + 1], strides[s + 1],
+                                        bias=conv_bias))
+            self.decoder.append(StackedConvBlocks(n_conv_dec[s], conv_op, 2 * features[s], features[s],
+                                                  kernel_sizes[s], 1, **block))
+        self.decoder_time = nn.ModuleList(TimeModulation(time_embed_dim, features[s])
+                                          for s in range(n_stages - 2, -1, -1))
+        self.seg_head = conv_op(features[0], num_classes, 1, 1, 0, bias=True)
+        init = InitWeights_He(1e-2)
+        for part in (self.encoder, self.cond_encoder, self.upsample, self.decoder, self.seg_head):
+            part.apply(init)
+
+        # attention modules are built after the He init: their zero-initialised projections must stay zero
+        self.dbsa = nn.ModuleDict({str(s): DualBranchSpatialAttention(features[s], self.cond_features[s], conv_op,
+                                                                      time_embed_dim) for s in self.dbsa_stages})
+        self.faa = nn.ModuleDict({str(s): FrequencyAwareAttention(features[s], conv_op, time_embed_dim, faa_num_bands)
+                                  for s in self.faa_stages})
+
+    def forward(self, image: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        if image.shape[1] != self.input_channels or x_t.shape[1] != self.num_classes:
+            raise ValueError(f"expected {self.input_channels} image and {self.num_classes} x_t channels, got "
+                             f"{image.shape[1]} and {x_t.shape[1]}")
+        temb = self.time_embed(t)
+        x = torch.cat([image, x_t.to(image.dtype)], 1)
+        cond = image
+        skips = []
+        for s in range(self.n_stages):
+            x = self.encoder_time[s](self.encoder[s](x), temb)
+            if str(s) in self.faa:
+                x = self.faa[str(s)](x, temb)
+            if s < len(self.cond_encoder):
+                cond = self.cond_encoder[s](cond)
+            if s < self.n_stages - 1:
+                skips.append(self.dbsa[str(s)](x, cond, temb) if str(s) in self.dbsa else x)
+        for i in range(self.n_stages - 1):
+            x = torch.cat([self.upsample[i](x), skips[-(i + 1)]], 1)
+            x = self.decoder_time[i](self.decoder[i](x), temb)
+        return self.seg_head(x)
+
+    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
+        """Activation elements stored for backward at batch size 1 (nnU-Net's planner unit): every conv output,
+        the time-modulated copies, the upsampled maps and the attention modules' own buffers."""
+        total = np.int64(0)
+        size = list(input_size)
+        sizes = []
+        for s in range(self.n_stages):
+            total += self.encoder[s].compute_conv_feature_map_size(size)
+            size = [i // j for i, j in zip(size, self.strides[s])]
+            sizes.append(size)
+            total += np.prod([self.features[s], *size], dtype=np.int64)  # time modulation output
+        cond_size = list(input_size)
+        for s, blk in enumerate(self.cond_encoder):
+            total += blk.compute_conv_feature_map_size(cond_size)
+            cond_size = [i // j for i, j in zip(cond_size, self.strides[s])]
+        for key, mod in list(self.dbsa.items()) + list(self.faa.items()):
+            total += np.int64(mod.compute_conv_feature_map_size(sizes[int(key)]))
+        for i, s in enumerate(range(self.n_stages - 2, -1, -1)):
+            total += 2 * np.prod([self.features[s], *sizes[s]], dtype=np.int64)  # upsampled + modulated
+            total += self.decoder[i].compute_conv_feature_map_size(sizes[s])
+        total += np.prod([self.num_classes, *sizes[0]], dtype=np.int64)
+        return total
+

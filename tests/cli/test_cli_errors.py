@@ -1,0 +1,72 @@
+"""Bad input gets a one-line error naming the file or argument, and exit code 2."""
+from __future__ import annotations
+
+import pytest
+
+from medflowseg_nn.cli import plan_and_preprocess, predict, train
+from medflowseg_nn.synthetic import make_synthetic_dataset
+
+
+def run(main, argv, capsys) -> str:
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1
+    return errors[0]
+
+
+def test_missing_env_var(monkeypatch, capsys):
+    monkeypatch.delenv("nnUNet_raw", raising=False)
+    assert "nnUNet_raw is not set" in run(plan_and_preprocess.main, ["-d", "4"], capsys)
+
+
+def test_unknown_dataset_id(nnunet_env, capsys):
+    assert "unknown dataset '777'" in run(plan_and_preprocess.main, ["-d", "777"], capsys)
+
+
+def test_missing_plans_when_training(nnunet_env, capsys):
+    make_synthetic_dataset(nnunet_env["nnUNet_raw"], 990, num_train=2, shape=(8, 8, 8))
+    msg = run(train.main, ["990", "3d_fullres", "0", "-device", "cpu"], capsys)
+    assert "MedFlowSegPlans.json not found" in msg and "mfs_plan_and_preprocess -d 990" in msg
+
+
+def test_unknown_trainer(nnunet_env, capsys):
+    make_synthetic_dataset(nnunet_env["nnUNet_raw"], 990, num_train=2, shape=(8, 8, 8))
+    pre = nnunet_env["nnUNet_preprocessed"] / "Dataset990_Synthetic"
+    pre.mkdir()
+    (pre / "MedFlowSegPlans.json").write_text('{"configurations": {"3d_fullres": {}}}')
+    (pre / "dataset.json").write_text("{}")
+    assert "unknown trainer 'NoSuchTrainer'" in run(train.main, ["990", "3d_fullres", "0", "-tr", "NoSuchTrainer",
+                                                                 "-device", "cpu"], capsys)
+
+
+def test_missing_model_when_predicting(nnunet_env, tmp_path, capsys):
+    make_synthetic_dataset(nnunet_env["nnUNet_raw"], 990, num_train=2, shape=(8, 8, 8))
+    msg = run(predict.main, ["-i", str(tmp_path), "-o", str(tmp_path / "o"), "-d", "990", "-device", "cpu"], capsys)
+    assert "no trained model" in msg and "mfs_train 990 3d_fullres 0" in msg
+
+
+def test_missing_checkpoint_when_predicting(tmp_path, capsys):
+    model = tmp_path / "model"
+    (model / "fold_0").mkdir(parents=True)
+    (model / "dataset.json").write_text("{}")
+    (model / "plans.json").write_text("{}")
+    msg = run(predict.main, ["-i", str(tmp_path), "-o", str(tmp_path / "o"), "-m", str(model), "-f", "0",
+                             "-device", "cpu"], capsys)
+    assert "checkpoint_final.pth not found" in msg
+
+
+def test_predict_needs_a_model(capsys):
+    assert "-m MODEL_FOLDER" in run(predict.main, ["-i", "x", "-o", "y"], capsys)
+
+
+def test_input_folder_without_matching_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(Exception, match="no images in"):
+        predict.check_input_folder(str(tmp_path), ".nii.gz", 1)
+
+
+def test_ablation_flags_pick_variants():
+    assert train.resolve_trainer_name("MedFlowSegTrainer", no_dbsa=True) == "MedFlowSegTrainer_noDBSA"
+    assert train.resolve_trainer_name("MedFlowSegTrainer", True, True) == "MedFlowSegTrainer_noAttention"
+    with pytest.raises(Exception, match="pick the variant"):
+        train.resolve_trainer_name("MedFlowSegTrainer_5epochs", no_faa=True)

@@ -1,0 +1,29 @@
+import pytest
+
+from medflowseg_nn.config import PLANS_KEY, FlowMatchingConfig
+from medflowseg_nn.flow.path import MixtureTimeSampler
+
+
+def test_round_trip_through_plans():
+    c = FlowMatchingConfig().replace(zero_fraction=0.25).with_network(use_faa=False)
+    plans = {PLANS_KEY: c.to_dict()}
+    assert FlowMatchingConfig.from_plans(plans) == c
+    assert FlowMatchingConfig.from_plans({}) == FlowMatchingConfig()
+    assert c.network.network_kwargs()["faa_stages"] == []
+
+
+def test_defaults_put_mass_at_t0_and_one_step():
+    c = FlowMatchingConfig()
+    assert isinstance(c.build_time_sampler(), MixtureTimeSampler)
+    assert c.solver_config().steps == 1 and c.solver_config(steps=4, method="heun").num_evaluations == 7
+
+
+def test_bad_values_are_rejected():
+    with pytest.raises(ValueError, match="parameterization"):
+        FlowMatchingConfig(parameterization="eps")
+    with pytest.raises(ValueError, match="unknown keys"):
+        FlowMatchingConfig.from_dict({"stepz": 3})
+    with pytest.raises(ValueError, match="flow_matching.network"):
+        FlowMatchingConfig.from_dict({"network": {"use_attention": False}})
+    with pytest.raises(ValueError):
+        FlowMatchingConfig(solver="rk4")

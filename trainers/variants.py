@@ -1,0 +1,52 @@
+"""One-concern variants of :class:`MedFlowSegTrainer`: each changes exactly one thing via class attributes."""
+from __future__ import annotations
+
+from trainers.mfs_trainer import MedFlowSegTrainer
+
+
+class MedFlowSegTrainer_1epoch(MedFlowSegTrainer):
+    trainer_overrides = {"num_epochs": 1}
+
+
+class MedFlowSegTrainer_5epochs(MedFlowSegTrainer):
+    trainer_overrides = {"num_epochs": 5}
+
+
+class MedFlowSegTrainer_50epochs(MedFlowSegTrainer):
+    trainer_overrides = {"num_epochs": 50}
+
+
+class MedFlowSegTrainer_smoke(MedFlowSegTrainer):
+    """For tests and smoke runs: 2 epochs of 2 training and 1 validation iteration."""
+    trainer_overrides = {"num_epochs": 2, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1}
+    val_multistep_batches = 1
+    val_multistep_steps = 2
+
+
+class MedFlowSegTrainer_demo(MedFlowSegTrainer):
+    """For ``mfs_demo`` on CPU: 12 short epochs."""
+    trainer_overrides = {"num_epochs": 12, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 5,
+                         "save_every": 4}
+    val_multistep_batches = 1
+
+
+class MedFlowSegTrainer_noDBSA(MedFlowSegTrainer):
+    network_overrides = {"use_dbsa": False}
+
+
+class MedFlowSegTrainer_noFAA(MedFlowSegTrainer):
+    network_overrides = {"use_faa": False}
+
+
+class MedFlowSegTrainer_noAttention(MedFlowSegTrainer):
+    network_overrides = {"use_dbsa": False, "use_faa": False}
+
+
+class MedFlowSegTrainer_velocity(MedFlowSegTrainer):
+    """Velocity-output network (the paper's literal parameterisation)."""
+    flow_overrides = {"parameterization": "velocity"}
+
+
+class MedFlowSegTrainer_uniformTime(MedFlowSegTrainer):
+    """t ~ U(0, 1) with no extra mass at t = 0 (the setting that fails for one-step inference)."""
+    flow_overrides = {"time_sampler": "uniform", "zero_fraction": 0.0}
