@@ -9,6 +9,7 @@ for the final validation (:class:`MedFlowSegPredictor`). Deep supervision is off
 from __future__ import annotations
 
 import contextlib
+import os
 import pydoc
 from typing import Iterator
 
@@ -60,6 +61,7 @@ class MedFlowSegTrainer(nnUNetTrainer):
             raise NotImplementedError("MedFlowSegTrainer supports plain label maps only (no regions, no ignore "
                                       "label) — remove 'regions_class_order'/'ignore' from dataset.json")
         self.enable_deep_supervision = False
+        self.save_every = 1  # checkpoint_latest after every epoch: an interrupted run loses at most one epoch
         for name, value in self.trainer_overrides.items():
             setattr(self, name, value)
         self.flow_config = self.configure_flow(FlowMatchingConfig.from_plans(self.plans_manager.plans))
@@ -97,6 +99,14 @@ class MedFlowSegTrainer(nnUNetTrainer):
 
     def _do_i_compile(self) -> bool:
         return False  # FFTs and complex buffers in FAA; eager mode is what is tested
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written to a temporary file and renamed, so that a run killed while saving
+        never leaves a truncated checkpoint behind (``--c`` then resumes from the previous one)."""
+        tmp = f"{filename}.tmp"
+        super().save_checkpoint(tmp)
+        if os.path.isfile(tmp):
+            os.replace(tmp, filename)
 
     def _autocast(self):
         return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
