@@ -42,28 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medflowseg_nn.networks._layers import conv_ndim, num_groups
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["DualBranchSpatialAttention"]
-
-
-def _num_groups(channels: int, max_groups: int = 8) -> int:
-    """Largest divisor of ``channels`` that is ``<= max_groups``."""
-    for g in range(min(max_groups, channels), 0, -1):
-        if channels % g == 0:
-            return g
-    return 1
-
-
-def _conv_ndim(conv_op: type[nn.Module]) -> int:
-    if issubclass(conv_op, nn.Conv3d):
-        return 3
-    if issubclass(conv_op, nn.Conv2d):
-        return 2
-    if issubclass(conv_op, nn.Conv1d):
-        return 1
-    raise ValueError(f"Unsupported conv_op {conv_op!r}; expected nn.Conv1d/2d/3d")
-
 
 class DualBranchSpatialAttention(nn.Module):
     """Fuse image features into flow features with local and global attention branches.
@@ -94,10 +77,10 @@ class DualBranchSpatialAttention(nn.Module):
         self.channels = channels
         self.cond_channels = cond_channels
         self.conv_op = conv_op
-        self.ndim = _conv_ndim(conv_op)
+        self.ndim = conv_ndim(conv_op)
         self.time_dim = time_dim
         self.dilations = tuple(int(d) for d in dilations)
-        groups = _num_groups(channels)
+        groups = num_groups(channels)
 
         def act() -> nn.Module:
             return nn.LeakyReLU(0.01, inplace=False)

@@ -36,28 +36,11 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from medflowseg_nn.networks._layers import conv_ndim, num_groups
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["FrequencyAwareAttention"]
-
-
-def _num_groups(channels: int, max_groups: int = 8) -> int:
-    """Largest divisor of ``channels`` that is ``<= max_groups``."""
-    for g in range(min(max_groups, channels), 0, -1):
-        if channels % g == 0:
-            return g
-    return 1
-
-
-def _conv_ndim(conv_op: type[nn.Module]) -> int:
-    if issubclass(conv_op, nn.Conv3d):
-        return 3
-    if issubclass(conv_op, nn.Conv2d):
-        return 2
-    if issubclass(conv_op, nn.Conv1d):
-        return 1
-    raise ValueError(f"Unsupported conv_op {conv_op!r}; expected nn.Conv1d/2d/3d")
-
 
 def normalised_radius(spatial_shape: Sequence[int], device: torch.device | str | None = None) -> Tensor:
     """Normalised radial frequency in ``[0, 1]`` of every rfftn bin, shape ``[*S[:-1], S[-1]//2+1]``."""
@@ -90,7 +73,7 @@ class FrequencyAwareAttention(nn.Module):
             raise ValueError("num_bands must be >= 1")
         self.channels = channels
         self.conv_op = conv_op
-        self.ndim = _conv_ndim(conv_op)
+        self.ndim = conv_ndim(conv_op)
         self.time_dim = time_dim
         self.num_bands = num_bands
         # spectral branch: per-channel radial band values, identity filter at init
@@ -98,7 +81,7 @@ class FrequencyAwareAttention(nn.Module):
         # spatial branch
         self.spatial = nn.Sequential(
             conv_op(channels, channels, kernel_size=3, padding=1),
-            nn.GroupNorm(_num_groups(channels), channels),
+            nn.GroupNorm(num_groups(channels), channels),
             nn.LeakyReLU(0.01, inplace=False),
         )
         # gate from the branch discrepancy
