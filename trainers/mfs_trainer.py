@@ -51,7 +51,7 @@ class MedFlowSegTrainer(nnUNetTrainer):
     #: fields of flow_matching.network (e.g. {"use_dbsa": False})
     network_overrides: dict = {}
     #: multi-step Euler validation Dice is computed on this many validation batches per epoch (0 = off)
-    val_multistep_batches: int = 5
+    val_multistep_batches: int = 2
     val_multistep_steps: int = 4
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -150,15 +150,18 @@ class MedFlowSegTrainer(nnUNetTrainer):
         self._multistep_stats = []
 
     def validation_step(self, batch: dict) -> dict:
+        """One-step inference from the seeded prior (x_t = x0, t = 0): its flow loss is the validation loss and
+        its argmax gives nnU-Net's pseudo Dice. One network evaluation per batch, as in nnU-Net."""
         image = batch["data"].to(self.device, non_blocking=True)
         seg = batch["target"].to(self.device, non_blocking=True)
         num_classes = self.label_manager.num_segmentation_heads
         with torch.no_grad(), self._autocast():
-            loss = self._flow_loss(image, seg)["loss"]
-            x0 = sample_prior((image.shape[0], num_classes, *image.shape[2:]), self.flow_config.prior_seed,
-                              self.device)
-            t0 = torch.zeros(image.shape[0], device=self.device)
-            logits = interpret_output(self.network(image, x0, t0), x0, t0, self.flow_config.parameterization,
+            x1 = segmentation_to_target(seg, num_classes)
+            x0 = sample_prior(x1.shape, self.flow_config.prior_seed, self.device)
+            path = self.path.sample(x0, x1, torch.zeros(x1.shape[0], device=self.device))
+            raw = self.network(image, path.x_t, path.t)
+            loss = self.loss(raw, path, seg)["loss"]
+            logits = interpret_output(raw, path.x_t, path.t, self.flow_config.parameterization,
                                       self.flow_config.logit_scale).logits
             if self._val_batch_index < self.val_multistep_batches:
                 segmenter = FlowSegmenter(self.network, num_classes, self.flow_config.parameterization,

@@ -50,3 +50,8 @@ class MedFlowSegTrainer_velocity(MedFlowSegTrainer):
 class MedFlowSegTrainer_uniformTime(MedFlowSegTrainer):
     """t ~ U(0, 1) with no extra mass at t = 0 (the setting that fails for one-step inference)."""
     flow_overrides = {"time_sampler": "uniform", "zero_fraction": 0.0}
+
+
+class MedFlowSegTrainer_velocityUniformTime(MedFlowSegTrainer):
+    """The paper's literal setting: velocity output and t ~ U(0, 1)."""
+    flow_overrides = {"parameterization": "velocity", "time_sampler": "uniform", "zero_fraction": 0.0}
