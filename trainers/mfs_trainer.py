@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import pydoc
-from typing import Iterator
+import sys
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
+from tqdm import tqdm
 
 from medflowseg_nn.config import PLANS_KEY, FlowMatchingConfig
 from medflowseg_nn.flow.label_space import segmentation_to_target
@@ -71,6 +73,9 @@ class MedFlowSegTrainer(nnUNetTrainer):
         self.path = LinearPath()
         self._val_batch_index = 0
         self._multistep_stats: list[np.ndarray] = []
+        self._progress: Optional[tqdm] = None
+        #: tqdm bar over each epoch's iterations; on by default only when stderr is a terminal
+        self.show_progress = sys.stderr.isatty() and self.local_rank == 0
 
     def configure_flow(self, config: FlowMatchingConfig) -> FlowMatchingConfig:
         """The flow configuration to train with: the plans' block with this class's overrides applied."""
@@ -117,6 +122,18 @@ class MedFlowSegTrainer(nnUNetTrainer):
         path = self.path.sample(torch.randn_like(x1), x1, t)
         return self.loss(self.network(image, path.x_t, t), path, seg)
 
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        if self.show_progress:
+            self._progress = tqdm(total=self.num_iterations_per_epoch, desc=f"epoch {self.current_epoch}",
+                                  leave=False, dynamic_ncols=True)
+
+    def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        super().on_train_epoch_end(train_outputs)
+
     def train_step(self, batch: dict) -> dict:
         image = batch["data"].to(self.device, non_blocking=True)
         seg = batch["target"].to(self.device, non_blocking=True)
@@ -134,6 +151,9 @@ class MedFlowSegTrainer(nnUNetTrainer):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
+        if self._progress is not None:
+            self._progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            self._progress.update()
         return {"loss": loss.detach().cpu().numpy()}
 
     def _hard_stats(self, logits: torch.Tensor, seg: torch.Tensor) -> np.ndarray:

@@ -54,11 +54,13 @@ def build_trainer(dataset: str, configuration: str, fold: Union[int, str], train
 
 
 def _train_one(trainer, continue_training: bool, only_run_validation: bool, pretrained_weights: Optional[str],
-               npz: bool, disable_checkpointing: bool, val_with_best: bool) -> None:
+               npz: bool, disable_checkpointing: bool, val_with_best: bool, quiet: bool = False) -> None:
     from batchgenerators.utilities.file_and_folder_operations import isfile, join
     from nnunetv2.run.run_training import maybe_load_checkpoint
 
     trainer.disable_checkpointing = disable_checkpointing
+    if quiet and hasattr(trainer, "show_progress"):
+        trainer.show_progress = False
     if only_run_validation and not isfile(join(trainer.output_folder, "checkpoint_final.pth")):
         raise UserError(f"--val needs {join(trainer.output_folder, 'checkpoint_final.pth')} — finish training first")
     maybe_load_checkpoint(trainer, continue_training, only_run_validation, pretrained_weights)
@@ -86,7 +88,7 @@ def run_training(dataset: str, configuration: str, fold: Union[int, str], traine
                  plans: str = DEFAULT_PLANS, pretrained_weights: Optional[str] = None, num_gpus: int = 1,
                  npz: bool = False, continue_training: bool = False, only_run_validation: bool = False,
                  disable_checkpointing: bool = False, val_with_best: bool = False,
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = torch.device("cpu"), quiet: bool = False):
     """Train (and validate) one fold; returns the trainer (``None`` for multi-GPU runs)."""
     if fold != "all":
         try:
@@ -101,7 +103,7 @@ def run_training(dataset: str, configuration: str, fold: Union[int, str], traine
                   continue_training=continue_training)
     run_kwargs = dict(continue_training=continue_training, only_run_validation=only_run_validation,
                       pretrained_weights=pretrained_weights, npz=npz, disable_checkpointing=disable_checkpointing,
-                      val_with_best=val_with_best)
+                      val_with_best=val_with_best, quiet=quiet)
     if num_gpus > 1:
         if device.type != "cuda":
             raise UserError(f"-num_gpus {num_gpus} needs -device cuda")
@@ -133,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_dbsa", action="store_true", help="ablation: no Dual-Branch Spatial Attention")
     p.add_argument("--no_faa", action="store_true", help="ablation: no Frequency-Aware Attention")
     p.add_argument("-device", default=None, help="cuda, cpu or mps (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     p.add_argument("--verbose", action="store_true")
     return p
 
@@ -140,11 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, args.quiet)
     run_training(args.dataset_name_or_id, args.configuration, args.fold,
                  resolve_trainer_name(args.tr, args.no_dbsa, args.no_faa), args.p, args.pretrained_weights,
                  args.num_gpus, args.npz, args.c, args.val, args.disable_checkpointing, args.val_best,
-                 pick_device(args.device))
+                 pick_device(args.device), args.quiet)
     return 0
 
 
