@@ -3,9 +3,17 @@
 :class:`FlowSegmenter` wraps a vector field so that it behaves like a segmentation network ``image → logits``:
 nnU-Net's sliding window, mirroring and export then work unchanged. Its ``state_dict`` is the wrapped field's,
 so checkpoints of the field load into it directly (nnU-Net's predictor reloads weights per fold).
+
+K samples (``num_samples``): sample ``k`` starts from the seeded prior ``x0_k = N(0, I)`` drawn with seed
+``seed + k``. All K flows of a patch go through the network as **one batch** of ``K · B`` patches, so K samples
+cost one (K times larger) network evaluation per solver step, not K separate calls. The returned
+log-probabilities are those of the sample average ``log(mean_k p_k)``. With ``record_samples = True`` every call
+also appends the per-sample probabilities ``[K, B, C, *S]`` to :attr:`FlowSegmenter.recorded`, which the
+predictor turns into the sample-disagreement map (see :mod:`medflowseg_nn.uncertainty`).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import torch
@@ -17,10 +25,11 @@ from medflowseg_nn.flow.solver import SolverConfig, integrate, sample_prior
 
 
 class FlowSegmenter(nn.Module):
-    """``forward(image [B, C, *S]) -> [B, K, *S]`` log-probabilities averaged over ``num_samples`` flows.
+    """``forward(image [B, C_img, *S]) -> [B, C, *S]`` log-probabilities averaged over ``num_samples`` flows.
 
     Each of the ``num_samples`` flows starts from its own seeded prior (seed ``seed + k``); the same seed gives
-    the same prior for every patch, so results are deterministic. Samples are batched through the network.
+    the same prior for every patch of a given shape, so results are deterministic. Samples are batched through
+    the network. ``C = num_classes``.
     """
 
     def __init__(self, field: nn.Module, num_classes: int, parameterization: str,
@@ -37,11 +46,14 @@ class FlowSegmenter(nn.Module):
         self.num_samples = num_samples
         self.logit_scale = logit_scale
         self._prior_cache: dict[tuple, Tensor] = {}
-        self.last_samples: Tensor | None = None  # [num_samples, B, K, *S] probabilities of the last call
+        #: when True, each forward appends its per-sample probabilities ``[num_samples, B, C, *S]`` to `recorded`
+        self.record_samples = False
+        self.recorded: list[Tensor] = []
 
     def prior(self, batch: int, spatial: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
-        """``[num_samples * batch, K, *S]`` seeded prior, cached per shape/device/dtype."""
-        key = (batch, spatial, str(device), dtype)
+        """``[num_samples * batch, C, *S]`` seeded prior (sample-major: rows ``k*batch .. (k+1)*batch-1`` hold
+        sample ``k``, the same noise for every batch element), cached for the last shape/device/dtype."""
+        key = (batch, spatial, str(device), dtype, self.seed, self.num_samples)
         if key not in self._prior_cache:
             draws = [sample_prior((1, self.num_classes, *spatial), self.seed + k, device, dtype)
                      for k in range(self.num_samples)]
@@ -52,7 +64,12 @@ class FlowSegmenter(nn.Module):
         raw = self.field(image, x, t)
         return interpret_output(raw, x, t, self.parameterization, self.logit_scale).velocity
 
-    def forward(self, image: Tensor) -> Tensor:
+    def sample_log_probabilities(self, image: Tensor) -> Tensor:
+        """``image [B, C_img, *S]`` → per-sample log-probabilities ``[num_samples, B, C, *S]`` (float32).
+
+        All samples run as one batch of ``num_samples * B``. One Euler step with the ``x1`` parameterisation is
+        ``log_softmax`` of the raw network output at ``(x0_k, t = 0)``.
+        """
         batch, spatial = image.shape[0], tuple(image.shape[2:])
         x0 = self.prior(batch, spatial, image.device, image.dtype)
         image_k = image.repeat(self.num_samples, *([1] * (image.ndim - 1))) if self.num_samples > 1 else image
@@ -64,16 +81,20 @@ class FlowSegmenter(nn.Module):
         else:
             x1 = integrate(lambda x, t: self.velocity(image_k, x, t), x0, self.solver)
             log_p = target_to_log_probabilities(x1)
+        return log_p.reshape(self.num_samples, batch, *log_p.shape[1:])
+
+    def forward(self, image: Tensor) -> Tensor:
+        log_p = self.sample_log_probabilities(image)
+        if self.record_samples:
+            self.recorded.append(log_p.exp())
         if self.num_samples == 1:
-            self.last_samples = None
-            return log_p
-        probs = log_p.exp().reshape(self.num_samples, batch, *log_p.shape[1:])
-        self.last_samples = probs
-        return torch.log(probs.mean(0).clamp_min(1e-8))
+            return log_p[0]
+        return torch.logsumexp(log_p, 0) - math.log(self.num_samples)  # log of the mean probability
 
     # checkpoints hold the field's weights: delegate so nnU-Net's per-fold reload works on the wrapper
     def state_dict(self, *args: Any, **kwargs: Any) -> dict:  # type: ignore[override]
         return self.field.state_dict(*args, **kwargs)
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):  # type: ignore[override]
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,  # type: ignore[override]
+                        assign: bool = False):
         return self.field.load_state_dict(state_dict, strict=strict, assign=assign)

@@ -1,0 +1,125 @@
+"""FlowSegmenter: seeded priors, batched K-sample generation, valid probabilities, the one-step x1 path."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from medflowseg_nn.flow.solver import SolverConfig, sample_prior
+from medflowseg_nn.networks.vector_field_unet import VectorFieldUNet
+from medflowseg_nn.segmenter import FlowSegmenter
+from medflowseg_nn.uncertainty import pairwise_disagreement, predictive_entropy
+
+SPATIAL = (8, 12, 8)
+
+
+def tiny_field(seed: int = 0) -> VectorFieldUNet:
+    """An untrained 3-stage 3D field whose zero-initialised parameters are perturbed, so that it depends on x_t."""
+    torch.manual_seed(seed)
+    n = 3
+    net = VectorFieldUNet(1, 3, n_stages=n, features_per_stage=[4, 8, 16], conv_op=nn.Conv3d,
+                          kernel_sizes=[[3] * 3] * n, strides=[[1] * 3] + [[2] * 3] * (n - 1),
+                          n_conv_per_stage=[1] * n, n_conv_per_stage_decoder=[1] * (n - 1), conv_bias=True,
+                          norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+                          nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, time_embed_dim=16).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(std=0.05)
+    return net
+
+
+class CountingField(nn.Module):
+    """Wraps a field and records the batch size of every call."""
+
+    def __init__(self, field: nn.Module):
+        super().__init__()
+        self.field, self.batches = field, []
+
+    def forward(self, image, x_t, t):
+        self.batches.append(image.shape[0])
+        return self.field(image, x_t, t)
+
+
+@pytest.fixture(scope="module")
+def field() -> VectorFieldUNet:
+    return tiny_field()
+
+
+@pytest.fixture(scope="module")
+def image() -> torch.Tensor:
+    return torch.randn(2, 1, *SPATIAL, generator=torch.Generator().manual_seed(1))
+
+
+def test_prior_is_seeded_cached_and_sample_major(field):
+    seg = FlowSegmenter(field, 3, "x1", seed=7, num_samples=3)
+    prior = seg.prior(2, SPATIAL, torch.device("cpu"), torch.float32)
+    assert prior.shape == (6, 3, *SPATIAL)
+    assert seg.prior(2, SPATIAL, torch.device("cpu"), torch.float32) is prior  # cached
+    for k in range(3):
+        expected = sample_prior((1, 3, *SPATIAL), 7 + k)
+        assert torch.equal(prior[2 * k], expected[0]) and torch.equal(prior[2 * k + 1], expected[0])
+    seg.seed = 8  # a new seed must not reuse the cached prior
+    assert not torch.equal(seg.prior(2, SPATIAL, torch.device("cpu"), torch.float32), prior)
+
+
+@torch.no_grad()
+def test_same_seed_identical_different_seed_differs(field, image):
+    out = [FlowSegmenter(field, 3, "x1", seed=s, num_samples=2)(image) for s in (0, 0, 1)]
+    assert torch.equal(out[0], out[1])
+    assert not torch.allclose(out[0], out[2])
+
+
+@torch.no_grad()
+def test_k_samples_are_one_batched_call_and_average_probabilities(field, image):
+    counting = CountingField(field)
+    seg = FlowSegmenter(counting, 3, "x1", seed=0, num_samples=4)
+    seg.record_samples = True
+    log_p = seg(image)
+    assert counting.batches == [4 * 2]  # one network call with all K samples of both images
+    samples = seg.recorded[0]
+    assert samples.shape == (4, 2, 3, *SPATIAL)
+    assert torch.allclose(samples.sum(2), torch.ones(()), atol=1e-5)
+    assert log_p.shape == (2, 3, *SPATIAL)
+    assert torch.allclose(log_p.exp().sum(1), torch.ones(()), atol=1e-5)
+    assert torch.allclose(log_p.exp(), samples.mean(0), atol=1e-6)
+    # sample 0 of a K-sample batch is the single-sample prediction with the same seed
+    single = FlowSegmenter(field, 3, "x1", seed=0, num_samples=1)(image)
+    assert torch.allclose(samples[0].log(), single, atol=1e-4)
+    assert not torch.allclose(samples[0], samples[1])  # the field depends on x_t: samples differ
+
+
+@torch.no_grad()
+def test_one_step_x1_equals_log_softmax_of_raw_output(field, image):
+    seg = FlowSegmenter(field, 3, "x1", seed=3)
+    x0 = sample_prior((1, 3, *SPATIAL), 3).expand(2, -1, -1, -1, -1)
+    raw = field(image, x0, torch.zeros(2))
+    assert torch.allclose(seg(image), torch.log_softmax(raw, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("parameterization,solver", [("x1", SolverConfig(3, "heun", euler_last_step=True)),
+                                                     ("velocity", SolverConfig()),
+                                                     ("velocity", SolverConfig(2, "euler"))])
+@torch.no_grad()
+def test_other_paths_give_valid_probabilities(field, image, parameterization, solver):
+    log_p = FlowSegmenter(field, 3, parameterization, solver, seed=0, num_samples=2)(image)
+    assert log_p.shape == (2, 3, *SPATIAL) and torch.isfinite(log_p).all()
+    assert torch.allclose(log_p.exp().sum(1), torch.ones(()), atol=1e-4)
+
+
+def test_state_dict_is_the_fields(field):
+    seg = FlowSegmenter(tiny_field(1), 3, "x1")
+    seg.load_state_dict(field.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(seg.state_dict().values(), field.state_dict().values()))
+    with pytest.raises(ValueError, match="num_samples"):
+        FlowSegmenter(field, 3, "x1", num_samples=0)
+
+
+def test_disagreement_and_entropy_formulas():
+    labels = torch.tensor([[0, 0, 1], [0, 1, 2], [0, 1, 0]])  # K = 3 samples, 3 voxels
+    # voxel 0: all agree; voxel 1: labels 0, 1, 1 -> 2 of 3 pairs differ; voxel 2: labels 1, 2, 0 -> all differ
+    assert torch.allclose(pairwise_disagreement(labels, 3), torch.tensor([0.0, 2 / 3, 1.0]))
+    assert torch.equal(pairwise_disagreement(labels[:1], 3), torch.zeros(3))
+    probs = torch.tensor([[1.0, 0.5, 1 / 3], [0.0, 0.5, 1 / 3], [0.0, 0.0, 1 / 3]])
+    assert torch.allclose(torch.from_numpy(predictive_entropy(probs)),
+                          torch.tensor([0.0, 0.693147, 1.098612]), atol=1e-5)
