@@ -1,6 +1,7 @@
 """Parameter count and one-step inference time of the vector-field variants next to nnU-Net's PlainConvUNet.
 
-One step = one network evaluation on a patch (batch 1, ``torch.inference_mode``), the cost of ``mfs_predict``
+One step = one network evaluation on a patch (batch 1, ``torch.inference_mode``; networks timed in
+interleaved rounds, minimum reported, so that other load on the machine affects all alike), the cost of ``mfs_predict``
 per sliding-window position without mirroring. Architecture keywords come from a plans file
 (``nnUNet_preprocessed/DatasetXXX/MedFlowSegPlans.json``).
 
@@ -22,15 +23,19 @@ VARIANTS = {"full": {}, "noDBSA": {"dbsa_stages": []}, "noFAA": {"faa_stages": [
             "neither": {"dbsa_stages": [], "faa_stages": []}}
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_seconds(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, dict]:
+    """Time every function once per round, ``repeats`` rounds (so load from other processes hits all alike);
+    report min and median per function."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: {"min": min(t), "median": statistics.median(t)} for name, t in times.items()}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -56,22 +61,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     image = torch.randn(1, 1, *patch)
     x0 = torch.randn(1, num_classes, *patch)
     t0 = torch.zeros(1)
-    rows = []
+    nets: dict = {"nnU-Net PlainConvUNet": PlainConvUNet(input_channels=1, num_classes=num_classes,
+                                                         deep_supervision=False, **arch).eval()}
+    for name, kwargs in VARIANTS.items():
+        nets[f"VectorFieldUNet {name}"] = VectorFieldUNet(1, num_classes, **arch, **kwargs).eval()
+    calls = {name: (lambda n=net: n(image)) if name.startswith("nnU-Net") else (lambda n=net: n(image, x0, t0))
+             for name, net in nets.items()}
     with torch.inference_mode():
-        plain = PlainConvUNet(input_channels=1, num_classes=num_classes, deep_supervision=False, **arch).eval()
-        rows.append({"network": "nnU-Net PlainConvUNet", "params_M": sum(p.numel() for p in plain.parameters()) / 1e6,
-                     "seconds": median_seconds(lambda: plain(image), args.repeats)})
-        for name, kwargs in VARIANTS.items():
-            net = VectorFieldUNet(1, num_classes, **arch, **kwargs).eval()
-            rows.append({"network": f"VectorFieldUNet {name}",
-                         "params_M": sum(p.numel() for p in net.parameters()) / 1e6,
-                         "seconds": median_seconds(lambda: net(image, x0, t0), args.repeats)})
-    base = rows[0]["seconds"]
-    print(f"{args.c} patch {patch}, batch 1, {args.threads} threads, median of {args.repeats}")
-    print(f"{'network':<30}{'params (M)':>12}{'one step (s)':>14}{'× plain':>9}")
+        timing = interleaved_seconds(calls, args.repeats)
+    base = timing["nnU-Net PlainConvUNet"]["min"]
+    rows = [{"network": name, "params_M": sum(p.numel() for p in net.parameters()) / 1e6,
+             "seconds_min": timing[name]["min"], "seconds_median": timing[name]["median"],
+             "ratio_to_plain": timing[name]["min"] / base} for name, net in nets.items()]
+    print(f"{args.c} patch {patch}, batch 1, {args.threads} threads, {args.repeats} interleaved rounds")
+    print(f"{'network':<30}{'params (M)':>12}{'min (s)':>10}{'median (s)':>12}{'× plain':>9}")
     for r in rows:
-        r["ratio_to_plain"] = r["seconds"] / base
-        print(f"{r['network']:<30}{r['params_M']:>12.2f}{r['seconds']:>14.3f}{r['ratio_to_plain']:>9.2f}")
+        print(f"{r['network']:<30}{r['params_M']:>12.2f}{r['seconds_min']:>10.3f}{r['seconds_median']:>12.3f}"
+              f"{r['ratio_to_plain']:>9.2f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"plans": args.plans, "configuration": args.c, "patch": patch,
                                           "rows": rows}, indent=2))
