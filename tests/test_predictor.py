@@ -24,6 +24,7 @@ from medflowseg_nn.predictor import PARTIAL_DIR, CaseJob, ExportOptions, MedFlow
 from medflowseg_nn.segmenter import FlowSegmenter
 from medflowseg_nn.synthetic import make_synthetic_dataset, synthetic_case
 from medflowseg_nn.uncertainty import SampleAccumulator, pairwise_disagreement, predictive_entropy
+from tests.conftest import set_nnunet_env
 from trainers.mfs_trainer import MedFlowSegTrainer
 
 PATCH = [12, 16, 12]
@@ -44,11 +45,7 @@ def env(tmp_path_factory):
     """Planned synthetic dataset, a fabricated model folder (tiny plans, perturbed untrained field), 3 inputs."""
     root = tmp_path_factory.mktemp("predictor")
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-            (root / name).mkdir()
-            mp.setenv(name, str(root / name))
-        mp.setenv("nnUNet_def_n_proc", "2")
-        mp.setenv("nnUNet_n_proc_DA", "0")
+        set_nnunet_env(root, mp)
         raw = make_synthetic_dataset(root / "nnUNet_raw", 991, num_train=4, shape=(20, 24, 20))
         assert plan_and_preprocess.main(["-d", "991", "-c", "3d_fullres", "-np", "1"]) == 0
         pre = root / "nnUNet_preprocessed" / raw.name

@@ -13,6 +13,7 @@ import SimpleITK as sitk
 
 from medflowseg_nn.cli import plan_and_preprocess, predict, train
 from medflowseg_nn.synthetic import make_synthetic_dataset
+from tests.conftest import set_nnunet_env
 
 GEOMETRY = dict(spacing=(0.9, 1.0, 1.2), origin=(10.0, -5.0, 3.0), direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1))
 
@@ -22,11 +23,7 @@ def trained(tmp_path_factory):
     """Plan and train ``MedFlowSegTrainer_smoke`` once for the module; test images get a non-trivial geometry."""
     root = tmp_path_factory.mktemp("predict_cli")
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-            (root / name).mkdir()
-            mp.setenv(name, str(root / name))
-        mp.setenv("nnUNet_def_n_proc", "2")
-        mp.setenv("nnUNet_n_proc_DA", "0")
+        set_nnunet_env(root, mp)
         raw = make_synthetic_dataset(root / "nnUNet_raw", 992, num_train=6, num_test=3, shape=(20, 24, 20))
         assert plan_and_preprocess.main(["-d", "992", "-c", "3d_fullres", "-np", "1"]) == 0
         assert train.main(["992", "3d_fullres", "0", "-tr", "MedFlowSegTrainer_smoke", "-device", "cpu"]) == 0
