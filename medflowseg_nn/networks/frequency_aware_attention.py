@@ -20,7 +20,8 @@ Design:
   parameters therefore apply to any patch size.  Bands start at 1 (identity).
   All FFT work runs in float32 with autocast disabled.  The interpolation
   indices/weights are cached per (shape, device).
-* Spatial branch: ``act(norm(conv3(x)))``.
+* Spatial branch: ``act(norm(pw1x1(dw3(x))))``, a depthwise-separable 3^n conv: the dense 3^n C->C conv it
+  replaced was ~75 % of the block's time on CPU (profiled at 128 channels, Hippocampus 3d_fullres).
 * Gate: ``g = sigmoid(conv1x1(|F_spatial - F_spectral|))``;
   ``fused = g * F_spatial + (1 - g) * F_spectral``.
 * Time modulation: ``(scale, shift) = Linear(time_dim, 2C)(temb)``;
@@ -80,7 +81,8 @@ class FrequencyAwareAttention(nn.Module):
         self.bands = nn.Parameter(torch.ones(channels, num_bands))
         # spatial branch
         self.spatial = nn.Sequential(
-            conv_op(channels, channels, kernel_size=3, padding=1),
+            conv_op(channels, channels, kernel_size=3, padding=1, groups=channels, bias=False),
+            conv_op(channels, channels, kernel_size=1),
             nn.GroupNorm(num_groups(channels), channels),
             nn.LeakyReLU(0.01, inplace=False),
         )
@@ -160,7 +162,7 @@ class FrequencyAwareAttention(nn.Module):
         total += c * nf  # real radial filter
         total += 2 * c * nf  # filtered complex spectrum
         total += c * n  # irfft output
-        total += 3 * c * n  # spatial conv, norm, act
+        total += 4 * c * n  # spatial depthwise conv, pointwise conv, norm, act
         total += 4 * c * n  # difference, abs, gate conv, sigmoid
         total += 4 * c * n  # g*F_spat, 1-g, (1-g)*F_spec, sum
         total += 2 * c * n  # time scale and shift

@@ -7,7 +7,8 @@ Inputs: ``image`` ``[B, C_img, *S]``, ``x_t`` ``[B, K, *S]``, ``t`` ``[B]``; out
 meaning, velocity or clean-mask logits, is set by :mod:`medflowseg_nn.flow.loss`).
 
 Dual conditioning: the image enters as input channels (image ⊕ x_t) and, through a light conditioning
-encoder, as per-stage features injected into the skip connections by Dual-Branch Spatial Attention (DBSA).
+encoder, as features injected into skip connections by Dual-Branch Spatial Attention (DBSA; by default the
+deepest skip, any set of skips from the plans).
 Frequency-Aware Attention (FAA) refines the low-resolution encoder stages and the bottleneck. Every stage is
 modulated by the time embedding. ``dbsa_stages=[]`` / ``faa_stages=[]`` switch the modules off (ablation).
 """
@@ -37,10 +38,14 @@ def default_faa_stages(n_stages: int) -> list[int]:
 
 
 def default_dbsa_stages(n_stages: int) -> list[int]:
-    """DBSA on every skip connection below full resolution. On the full-resolution skip its dilated depthwise
-    convs more than double a 3d_fullres training step (measured on CPU, Hippocampus patch); list stage 0
-    explicitly in the plans to add it."""
-    return list(range(1, n_stages - 1)) if n_stages > 2 else list(range(n_stages - 1))
+    """DBSA on the deepest skip connection (the lowest resolution the decoder receives a skip at).
+
+    Measured on CPU (1 thread, Hippocampus plans, ``benchmarks/RESULTS.md`` 2026-12-01): DBSA's depthwise
+    (dilated) convolutions have slow CPU kernels, most of all in backward; on every skip below full resolution a
+    2d training step cost 1.48x nnU-Net's, on the deepest skip only 1.28x (3d_fullres 1.23x -> 1.13x). List more
+    stages in the plans' ``flow_matching.network.dbsa_stages`` to condition more skips (e.g. ``[1, 2]``).
+    """
+    return [n_stages - 2] if n_stages > 1 else []
 
 
 def _as_list(v: IntOrSeq, n: int) -> list:
