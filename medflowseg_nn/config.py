@@ -13,6 +13,7 @@ from typing import Any, Optional
 from medflowseg_nn.flow.loss import PARAMETERIZATIONS
 from medflowseg_nn.flow.path import TimeSampler, build_time_sampler
 from medflowseg_nn.flow.solver import SolverConfig
+from medflowseg_nn.networks.vector_field_unet import default_dbsa_stages, default_faa_stages
 
 PLANS_KEY = "flow_matching"
 
@@ -31,6 +32,13 @@ class NetworkOptions:
     time_embed_dim: int = 128
     cond_features_divisor: int = 4
     faa_num_bands: int = 8
+
+    def resolved(self, n_stages: int) -> "NetworkOptions":
+        """The same options with the default placements written out for a network of ``n_stages`` stages, so
+        that plans saved with a trained model keep describing it when the code's defaults change."""
+        return dataclasses.replace(
+            self, dbsa_stages=default_dbsa_stages(n_stages) if self.dbsa_stages is None else list(self.dbsa_stages),
+            faa_stages=default_faa_stages(n_stages) if self.faa_stages is None else list(self.faa_stages))
 
     def network_kwargs(self) -> dict[str, Any]:
         return {"dbsa_stages": self.dbsa_stages if self.use_dbsa else [],

@@ -27,3 +27,14 @@ def test_bad_values_are_rejected():
         FlowMatchingConfig.from_dict({"network": {"use_attention": False}})
     with pytest.raises(ValueError):
         FlowMatchingConfig(solver="rk4")
+
+
+def test_resolved_writes_out_default_placements_only():
+    net = FlowMatchingConfig().network
+    assert (net.dbsa_stages, net.faa_stages) == (None, None)
+    r = net.resolved(5)
+    assert (r.dbsa_stages, r.faa_stages) == ([3], [3, 4])
+    assert r.network_kwargs() == {**net.network_kwargs(), "dbsa_stages": [3], "faa_stages": [3, 4]}
+    explicit = net.__class__(dbsa_stages=[1, 2], faa_stages=[], use_faa=False).resolved(5)
+    assert (explicit.dbsa_stages, explicit.faa_stages, explicit.network_kwargs()["faa_stages"]) == ([1, 2], [], [])
+    assert FlowMatchingConfig.from_dict(FlowMatchingConfig(network=r).to_dict()).network == r

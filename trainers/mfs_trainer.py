@@ -66,8 +66,11 @@ class MedFlowSegTrainer(nnUNetTrainer):
         self.save_every = 1  # checkpoint_latest after every epoch: an interrupted run loses at most one epoch
         for name, value in self.trainer_overrides.items():
             setattr(self, name, value)
-        self.flow_config = self.configure_flow(FlowMatchingConfig.from_plans(self.plans_manager.plans))
-        # the plans copied to the results folder (and read by the predictor) describe what is trained
+        config = self.configure_flow(FlowMatchingConfig.from_plans(self.plans_manager.plans))
+        n_stages = self.configuration_manager.network_arch_init_kwargs["n_stages"]
+        self.flow_config = config.replace(network=config.network.resolved(n_stages))
+        # the plans copied to the results folder (and read by the predictor) describe what is trained, with the
+        # DBSA/FAA placement written out (not left to the code's defaults)
         self.plans_manager.plans[PLANS_KEY] = self.flow_config.to_dict()
         self.time_sampler = self.flow_config.build_time_sampler()
         self.path = LinearPath()

@@ -27,7 +27,12 @@ def test_plan_train_predict(nnunet_env, tmp_path, shape, configuration):
     fold = model / "fold_0"
     assert (fold / "checkpoint_final.pth").is_file() and (fold / "progress.png").is_file()
     assert json.loads((fold / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"] >= 0
-    assert json.loads((model / "plans.json").read_text())["flow_matching"] == plans["flow_matching"]
+    # the results folder's plans keep the flow block, with the default DBSA/FAA placement written out
+    n = arch["arch_kwargs"]["n_stages"]
+    block = plans["flow_matching"]
+    assert block["network"]["dbsa_stages"] is None and block["network"]["faa_stages"] is None
+    expected = {**block, "network": {**block["network"], "dbsa_stages": [n - 2], "faa_stages": [n - 2, n - 1]}}
+    assert json.loads((model / "plans.json").read_text())["flow_matching"] == expected
 
     out = tmp_path / "pred"
     assert predict.main(["-i", str(raw / "imagesTs"), "-o", str(out), "-d", "990", "-c", configuration,
