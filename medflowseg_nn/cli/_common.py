@@ -10,14 +10,12 @@ from typing import Callable, Optional
 
 import torch
 
+from medflowseg_nn.errors import UserError
+
 logger = logging.getLogger("medflowseg_nn")
 
 #: exceptions that mean "the user's input is wrong": reported as one line, exit code 2
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, KeyError, EnvironmentError)
-
-
-class UserError(RuntimeError):
-    """An error whose message is complete advice for the user."""
 
 
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
