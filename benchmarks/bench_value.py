@@ -1,0 +1,356 @@
+"""Side by side on a held-out test set: nnU-Net single model, nnU-Net fold ensemble, ours at several sampler settings.
+
+Protocol (issue #9): the last ``--n_test`` case ids (sorted) are a TEST set no model trains on. The other cases get
+a 5-fold split (nnU-Net's ``generate_crossval_split``, seed 12345) written to ``splits_final.json`` in the
+preprocessed folder. Same plans for all (MedFlowSegPlans with ``batch_size`` set to ``--batch_size``; nnU-Net
+trains on their PlainConvUNet copy, ``_common.plain_unet_plans``), ``--epochs`` x ``--iterations_per_epoch``.
+Models: nnU-Net fold 0 for every seed in ``--seeds``, nnU-Net folds ``--ensemble_folds`` (first seed; fold 0 is
+shared); ours (``--ours_trainer``) fold 0 for every seed. The seed sets torch/numpy before training (network
+init); augmentation workers are not seeded. Trained weights are cached in ``WORK/value_models`` (rerun = predict).
+
+Inference, TTA off, from the raw images: nnU-Net single = nnUNetPredictor; ensemble = mean of the members'
+softmax probabilities in the raw geometry; ours = MedFlowSegPredictor (prior seed 0) with 1 Euler step (K=1),
+Euler N=2, N=4, Heun N=2, K=4 samples at 1 step, and K=4 at the best setting among those multi-step ones. "Best"
+is chosen by mean Dice on ``--select_cases`` of fold 0's VALIDATION cases with the first seed's model, never on
+the test set. Metrics per run: mean foreground Dice and HD95 (``medflowseg_nn.evaluation``; Dice from the argmax
+of the probabilities), calibration (``medflowseg_nn.calibration``: ECE 15 bins, Brier, NLL, AURC) pooled over all
+test voxels and over the reference ROI (foreground dilated by ``--roi_dilation`` voxels, cube), Spearman between a
+case's mean predictive entropy (ROI / all) and 1 - its mean foreground Dice, and network seconds per case
+(``predict_logits_from_preprocessed_data``; the ensemble's is the sum of its members'). Tables: mean over seeds
+with the min-max spread in brackets.
+
+    python benchmarks/bench_value.py --work /work/bench_work                  # ~1 h on 2 CPU cores
+    python benchmarks/bench_value.py --epochs 1 --iterations_per_epoch 2 --max_test_cases 3 --select_cases 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+if __package__ in (None, ""):
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+logger = logging.getLogger("benchmarks.value")
+SINGLE = [("1 step", "euler", 1, 1), ("Euler N=2", "euler", 2, 1), ("Euler N=4", "euler", 4, 1),
+          ("Heun N=2", "heun", 2, 1)]
+
+
+def write_splits(folder: Path, cases: list[str], n_test: int) -> tuple[list[str], list[dict]]:
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+    test, pool = cases[-n_test:], cases[:-n_test]
+    splits = generate_crossval_split(pool, seed=12345, n_splits=5)
+    path = folder / "splits_final.json"
+    if path.is_file() and json.loads(path.read_text()) != splits:
+        logger.warning("overwriting %s with the held-out-test splits", path)
+    path.write_text(json.dumps(splits, indent=1))
+    return test, splits
+
+
+def get_trainer(method: str, fold: int, args: argparse.Namespace, plans: dict, dataset_json: dict):
+    import copy
+    import torch
+    device = torch.device(args.device)
+    if method == "nnunet" or args.ours_trainer == "MedFlowSegTrainer":
+        return C.trainer_for(method, plans, dataset_json, args.configuration, fold, device)
+    from trainers import get_trainer_class
+    plans = copy.deepcopy(plans)
+    plans["continue_training"] = False
+    return get_trainer_class(args.ours_trainer)(plans=plans, configuration=args.configuration, fold=fold,
+                                                dataset_json=dataset_json, device=device)
+
+
+def train_or_load(method: str, fold: int, seed: int, args: argparse.Namespace, plans: dict, dataset_json: dict):
+    """Trained trainer (network in memory) and training seconds; cached as a state dict per (method, fold, seed)."""
+    import torch
+    tag = f"{method if method == 'nnunet' else args.ours_trainer}_f{fold}_s{seed}_{args.budget_tag}"
+    cache = args.work / "value_models" / f"{tag}.pth"
+    trainer = get_trainer(method, fold, args, plans, dataset_json)
+    trainer.num_epochs, trainer.num_iterations_per_epoch = args.epochs, args.iterations_per_epoch
+    trainer.num_val_iterations_per_epoch = args.val_iterations
+    if hasattr(trainer, "val_multistep_batches"):
+        trainer.val_multistep_batches = 0
+    if cache.is_file():
+        saved = torch.load(cache, map_location="cpu", weights_only=False)
+        trainer.initialize()
+        trainer.network.load_state_dict(saved["state_dict"])
+        logger.info("%s: loaded cached weights %s", tag, cache)
+        return trainer, saved["train_s"]
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    t0 = time.perf_counter()
+    trainer.run_training()
+    train_s = time.perf_counter() - t0
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": trainer.network.state_dict(), "train_s": train_s}, cache)
+    logger.info("%s: trained in %.0f s", tag, train_s)
+    return trainer, train_s
+
+
+def make_predictor(trainer, method: str, args: argparse.Namespace, solver: str = "euler", steps: int = 1,
+                   k: int = 1):
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from medflowseg_nn.predictor import MedFlowSegPredictor
+    trainer.set_deep_supervision_enabled(False)
+    network = trainer.network
+    network.eval()
+    kw = dict(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, perform_everything_on_device=True,
+              device=torch.device(args.device), verbose=False, allow_tqdm=False)
+    predictor = (nnUNetPredictor(**kw) if method == "nnunet" else
+                 MedFlowSegPredictor(**kw, steps=steps, solver=solver, seed=0, num_samples=k))
+    predictor.manual_initialization(network, trainer.plans_manager, trainer.configuration_manager,
+                                    [network.state_dict()], trainer.dataset_json, type(trainer).__name__,
+                                    trainer.inference_allowed_mirroring_axes)
+    return predictor
+
+
+def probabilities(predictor, data, props: dict, threads: int) -> tuple[np.ndarray, float]:
+    """Raw-geometry probabilities [C, *S] (array layout of the SimpleITK-read label) and network seconds."""
+    import torch
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+    t0 = time.perf_counter()
+    logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
+    wall = time.perf_counter() - t0
+    _, probs = convert_predicted_logits_to_segmentation_with_correct_shape(
+        logits, predictor.plans_manager, predictor.configuration_manager, predictor.label_manager, props,
+        return_probabilities=True, num_threads_torch=threads)
+    return np.asarray(probs, dtype=np.float32), wall
+
+
+class RunScores:
+    """Per-run accumulation over test cases: Dice/HD95 per case, pooled calibration (all, roi), entropies."""
+
+    def __init__(self, labels: Sequence[int], roi_dilation: int):
+        from medflowseg_nn.calibration import CalibrationAccumulator
+        self.labels, self.roi_dilation = list(labels), roi_dilation
+        self.acc = {"all": CalibrationAccumulator(), "roi": CalibrationAccumulator()}
+        self.cases: dict[str, dict[str, Any]] = {}
+        self.seconds: list[float] = []
+
+    def add(self, case: str, probs: np.ndarray, ref: np.ndarray, spacing: np.ndarray, seconds: float,
+            out_dir: Optional[Path], ref_img=None) -> float:
+        from medflowseg_nn import calibration as cal
+        from medflowseg_nn.evaluation import dice, hd95
+        seg = probs.argmax(0).astype(np.uint8)
+        roi = cal.reference_roi(ref, self.roi_dilation)
+        ent = cal.predictive_entropy(probs)
+        dices = [dice(ref == c, seg == c) for c in self.labels]
+        row = {"dice": dices, "dice_fg": float(np.mean(dices)),
+               "hd95": [hd95(ref == c, seg == c, spacing) for c in self.labels], "seconds": seconds,
+               "entropy_all": float(ent.mean()), "entropy_roi": float(ent[roi].mean()) if roi.any() else float("nan")}
+        for region, mask in (("all", None), ("roi", roi)):
+            one = cal.CalibrationAccumulator()
+            one.update(probs, ref, mask)
+            self.acc[region].merge(one)
+            row[region] = one.result().to_dict()
+        self.cases[case] = row
+        self.seconds.append(seconds)
+        if out_dir is not None:
+            import SimpleITK as sitk
+            out_dir.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(out_dir / f"{case}.npz", probabilities=probs)
+            img = sitk.GetImageFromArray(seg)
+            img.CopyInformation(ref_img)
+            sitk.WriteImage(img, str(out_dir / f"{case}.nii.gz"))
+        return row["dice_fg"]
+
+    def summary(self) -> dict[str, Any]:
+        from medflowseg_nn.calibration import spearman
+        rows = list(self.cases.values())
+        hd = np.asarray([r["hd95"] for r in rows], dtype=float)
+        err = [1 - r["dice_fg"] for r in rows]
+        out: dict[str, Any] = {"dice_fg": float(np.mean([r["dice_fg"] for r in rows])),
+                               "hd95": float(np.mean([np.mean(h[np.isfinite(h)]) for h in hd.T if np.isfinite(h).any()])),
+                               "hd95_n_inf": int((~np.isfinite(hd)).sum()), "s_per_case": float(np.mean(self.seconds)),
+                               "n_cases": len(rows)}
+        for region in ("all", "roi"):
+            res = self.acc[region].result()
+            out[region] = res.to_dict()
+            out[f"spearman_{region}"] = spearman([r[f"entropy_{region}"] for r in rows], err).to_dict()
+        return out
+
+
+def select_setting(trainer, args: argparse.Namespace, cases: list[str], inputs) -> tuple[str, str, int]:
+    """The multi-step single-sample setting with the best mean Dice on fold-0 VALIDATION cases (ties: cheaper)."""
+    from medflowseg_nn.evaluation import dice
+    scores = {}
+    for name, solver, steps, _ in SINGLE[1:]:
+        pred = make_predictor(trainer, "ours", args, solver, steps)
+        d = []
+        for case in cases:
+            data, props, ref, _, _ = inputs(case)
+            probs, _ = probabilities(pred, data, props, args.threads)
+            seg = probs.argmax(0)
+            d.append(np.mean([dice(ref == c, seg == c) for c in trainer.label_manager.foreground_labels]))
+        scores[name] = float(np.mean(d))
+    best = max(scores, key=scores.get)  # dict order = cost order; max keeps the first of equal scores
+    logger.info("validation Dice per setting %s -> K=4 at %s", scores, best)
+    args.selection = {"cases": cases, "dice": scores, "best": best}
+    return next((n, s, st) for n, s, st, _ in SINGLE if n == best)
+
+
+def fmt(values: Sequence[float], digits: int = 3) -> str:
+    v = [x for x in values if x is not None and np.isfinite(x)]
+    if not v:
+        return "n/a"
+    if len(values) == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{np.mean(v):.{digits}f} ({min(v):.{digits}f}–{max(v):.{digits}f})"
+
+
+def tables(results: dict[str, list[dict]]) -> tuple[str, str]:
+    seg_rows, cal_rows = [], []
+    for method, runs in results.items():
+        get = lambda f: [f(r) for r in runs]  # noqa: E731
+        seg_rows.append({"method": method, "runs": len(runs), "Dice": fmt(get(lambda r: r["dice_fg"])),
+                         "HD95 mm": fmt(get(lambda r: r["hd95"]), 2), "HD95 inf": sum(get(lambda r: r["hd95_n_inf"])),
+                         "s/case": fmt(get(lambda r: r["s_per_case"]), 2),
+                         "ρ(H, 1−Dice) roi": fmt(get(lambda r: r["spearman_roi"]["rho"]), 2),
+                         "ρ all": fmt(get(lambda r: r["spearman_all"]["rho"]), 2)})
+        row = {"method": method}
+        for region in ("all", "roi"):
+            for key, label in (("ece", "ECE"), ("brier", "Brier"), ("nll", "NLL"), ("aurc", "AURC")):
+                row[f"{label} {region}"] = fmt(get(lambda r: r[region][key]), 4 if region == "all" else 3)
+        cal_rows.append(row)
+    return (C.markdown_table(seg_rows, list(seg_rows[0])), C.markdown_table(cal_rows, list(cal_rows[0])))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-d", default="4", help="dataset id or name (default 4 = Dataset004_Hippocampus)")
+    p.add_argument("-c", "--configuration", default="3d_fullres")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--iterations_per_epoch", type=int, default=50)
+    p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument("--val_iterations", type=int, default=2)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--ensemble_folds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--ours_trainer", default="MedFlowSegTrainer", help="class from trainers.get_trainer_class")
+    p.add_argument("--n_test", type=int, default=40, help="held-out test cases: the last N case ids, sorted")
+    p.add_argument("--max_test_cases", type=int, default=None, help="predict only the first K test cases (smoke)")
+    p.add_argument("--select_cases", type=int, default=8, help="fold-0 validation cases that pick K=4's setting")
+    p.add_argument("--roi_dilation", type=int, default=3)
+    p.add_argument("--no_save", action="store_true", help="do not write CASE.npz / CASE.nii.gz per run")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--n_proc_da", default="1", help="nnUNet_n_proc_DA (augmentation workers) for training")
+    p.add_argument("-device", default="cpu")
+    p.add_argument("--work", type=Path, default=C.DEFAULT_WORK)
+    p.add_argument("--out_dir", type=Path, default=C.REPO_ROOT / "benchmarks" / "out" / "value")
+    p.add_argument("--verbose", action="store_true")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    C.setup_logging(args.verbose)
+    C.setup_env(args.work, n_proc_da=args.n_proc_da)
+    import SimpleITK as sitk
+    import torch
+    torch.set_num_threads(args.threads)
+    args.budget_tag = f"e{args.epochs}i{args.iterations_per_epoch}b{args.batch_size}"
+    t_start = time.perf_counter()
+    name = C.resolve_dataset_name(args.d)
+    folder = C.ensure_planned(name, [args.configuration], preprocess=True)
+    plans, dataset_json = C.load_plans(name)
+    plans["configurations"][args.configuration]["batch_size"] = args.batch_size
+    info = C.machine_info()
+    test, splits = write_splits(folder, C.case_ids(name), args.n_test)
+    test = test[: args.max_test_cases]
+    s0 = args.seeds[0]
+    models: dict[str, tuple[Any, float]] = {}
+    for seed in args.seeds:
+        models[f"nnunet_f0_s{seed}"] = train_or_load("nnunet", 0, seed, args, plans, dataset_json)
+    for fold in args.ensemble_folds:
+        if f"nnunet_f{fold}_s{s0}" not in models:
+            models[f"nnunet_f{fold}_s{s0}"] = train_or_load("nnunet", fold, s0, args, plans, dataset_json)
+    for seed in args.seeds:
+        models[f"ours_f0_s{seed}"] = train_or_load("ours", 0, seed, args, plans, dataset_json)
+    train_done = time.perf_counter()
+
+    any_trainer = models[f"ours_f0_s{s0}"][0]
+    pm, cm = any_trainer.plans_manager, any_trainer.configuration_manager
+    pp = cm.preprocessor_class(verbose=False)
+    raw, ending, n_ch = C.shared_data_dir() / name, dataset_json["file_ending"], len(dataset_json["channel_names"])
+    labels = list(any_trainer.label_manager.foreground_labels)
+
+    def inputs(case: str):
+        files = [str(raw / "imagesTr" / f"{case}_{i:04d}{ending}") for i in range(n_ch)]
+        data, _, props = pp.run_case(files, None, pm, cm, dataset_json)
+        img = sitk.ReadImage(str(raw / "labelsTr" / f"{case}{ending}"))  # as evaluation._read: (z, y, x)
+        return data, props, sitk.GetArrayFromImage(img).astype(np.int64), np.asarray(img.GetSpacing())[::-1], img
+
+    sel_cases = sorted(splits[0]["val"])[: args.select_cases]
+    best_name, best_solver, best_steps = select_setting(models[f"ours_f0_s{s0}"][0], args, sel_cases, inputs)
+    ours_settings = SINGLE + [("K=4 1 step", "euler", 1, 4)]
+    if best_name != "1 step":
+        ours_settings.append((f"K=4 {best_name}", best_solver, best_steps, 4))
+    runs: dict[str, tuple[str, Any]] = {}  # run id -> (method row, predictor or member list)
+    for seed in args.seeds:
+        runs[f"nnunet_single_s{seed}"] = ("nnU-Net single (fold 0)",
+                                          make_predictor(models[f"nnunet_f0_s{seed}"][0], "nnunet", args))
+    for fold in args.ensemble_folds:
+        if fold != 0:  # fold 0 of the first seed is the single-model run
+            runs[f"nnunet_f{fold}_s{s0}"] = ("", make_predictor(models[f"nnunet_f{fold}_s{s0}"][0], "nnunet", args))
+    for seed in args.seeds:
+        for label, solver, steps, k in ours_settings:
+            runs[f"ours_{label}_s{seed}".replace(" ", "_")] = (
+                f"ours {label}", make_predictor(models[f"ours_f0_s{seed}"][0], "ours", args, solver, steps, k))
+    ens_id = f"nnunet_ensemble_{len(args.ensemble_folds)}folds"
+    scores = {rid: RunScores(labels, args.roi_dilation) for rid, (row, _) in runs.items() if row}
+    scores[ens_id] = RunScores(labels, args.roi_dilation)
+    pred_root = None if args.no_save else args.work / "value_predictions"
+    member_ids = [f"nnunet_single_s{s0}" if f == 0 else f"nnunet_f{f}_s{s0}" for f in args.ensemble_folds]
+    for i, case in enumerate(test):
+        data, props, ref, spacing, img = inputs(case)
+        member_probs, member_s = [], 0.0
+        for rid, (row, predictor) in runs.items():
+            probs, sec = probabilities(predictor, data, props, args.threads)
+            if rid in member_ids:
+                member_probs.append(probs)
+                member_s += sec
+            if row:
+                d = scores[rid].add(case, probs, ref, spacing, sec, pred_root and pred_root / rid, img)
+                logger.info("%s [%d/%d] %s: Dice %.3f, %.2f s", case, i + 1, len(test), rid, d, sec)
+        scores[ens_id].add(case, np.mean(member_probs, axis=0), ref, spacing, member_s,
+                           pred_root and pred_root / ens_id, img)
+    results: dict[str, list[dict]] = {}
+    rows_of = {rid: row for rid, (row, _) in runs.items() if row}
+    rows_of[ens_id] = f"nnU-Net ensemble ({len(args.ensemble_folds)} folds, softmax mean)"
+    for rid, sc in scores.items():
+        results.setdefault(rows_of[rid], []).append({"run": rid, **sc.summary()})
+    order = [rows_of[f"nnunet_single_s{s0}"], rows_of[ens_id]] + [f"ours {s[0]}" for s in ours_settings]
+    results = {m: results[m] for m in order}
+    seg_table, cal_table = tables(results)
+    total_s = time.perf_counter() - t_start
+    budget = (f"{args.epochs} epochs x {args.iterations_per_epoch} iterations, batch {args.batch_size}, "
+              f"seeds {args.seeds}, ours = {args.ours_trainer}")
+    head = (f"{name} {args.configuration}, {len(test)} held-out test cases ({test[0]} .. {test[-1]}), {budget}; "
+            f"TTA off; K=4 setting picked on {len(sel_cases)} fold-0 validation cases: {args.selection['best']} "
+            f"({', '.join(f'{k} {v:.3f}' for k, v in args.selection['dice'].items())}); train {train_done - t_start:.0f}"
+            f" s, total {total_s:.0f} s")
+    print(f"\n{head}\n\nA. Segmentation, case-level Spearman, network s/case (mean over seeds, min–max)\n{seg_table}"
+          f"\n\nB. Calibration, pooled over test voxels: all voxels / ROI = reference foreground dilated by "
+          f"{args.roi_dilation} voxels (cube)\n{cal_table}")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": "value", "machine": info, "args": {k: str(v) for k, v in vars(args).items()},
+               "test_cases": test, "splits": splits, "selection": args.selection,
+               "train_s": {k: v[1] for k, v in models.items()}, "total_s": total_s, "results": results,
+               "per_case": {rid: sc.cases for rid, sc in scores.items()}, "head": head, "table_segmentation":
+               seg_table, "table_calibration": cal_table}
+    C.write_json(args.out_dir / f"bench_value_{args.budget_tag}.json", payload)
+    (args.out_dir / f"bench_value_{args.budget_tag}.md").write_text(
+        f"{head}\n\n```\n{' '.join(info['argv'])}\n```\n\n{seg_table}\n\n{cal_table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
