@@ -6,14 +6,24 @@ Example::
 
 Prints a compact per-class table (mean Dice, HD95, NSD) and writes the full summary JSON (default
 ``PRED_DIR/summary_mfs.json``). See :mod:`medflowseg_nn.evaluation` for metric definitions and conventions.
+
+With ``--probabilities DIR`` (the ``CASE.npz`` files of ``mfs_predict --save_probabilities`` or nnU-Net's
+predictor, one per segmentation in ``-pred``) it also prints a calibration table (ECE, Brier, NLL, AURC over all
+voxels and over the reference foreground dilated by ``--roi_dilation`` voxels; Spearman between each case's mean
+predictive entropy and 1 - its mean foreground Dice from ``-pred``) and stores it in the summary JSON under
+``"calibration"``; see :mod:`medflowseg_nn.calibration_folder`. Without it, output is unchanged.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 
+from medflowseg_nn.calibration_folder import (case_foreground_dice, evaluate_probability_folder,
+                                              format_calibration_table)
+from medflowseg_nn.errors import UserError
 from medflowseg_nn.evaluation import LabelOrRegion, evaluate_folder
 
 
@@ -43,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1.0, help="NSD tolerance in mm (default: 1.0)")
     p.add_argument("--file_ending", default=".nii.gz", help="file ending of the segmentations (default: .nii.gz)")
     p.add_argument("-np", "--num_processes", type=int, default=1, help="number of worker processes (default: 1)")
+    p.add_argument("--probabilities", default=None, metavar="DIR",
+                   help="folder with CASE.npz probability files (mfs_predict --save_probabilities): also report "
+                   "calibration (ECE, Brier, NLL, AURC) and uncertainty-vs-error Spearman")
+    p.add_argument("--roi_dilation", type=int, default=3,
+                   help="calibration ROI = reference foreground dilated by this many voxels, cube (default: 3)")
     return p
 
 
@@ -79,14 +94,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_processes < 1:
         print(f"{parser.prog}: error: -np must be >= 1, got {args.num_processes}", file=sys.stderr)
         return 2
+    if args.roi_dilation < 0:
+        print(f"{parser.prog}: error: --roi_dilation must be >= 0, got {args.roi_dilation}", file=sys.stderr)
+        return 2
     try:
+        calibration = None
+        if args.probabilities is not None and not os.path.isdir(args.probabilities):
+            raise UserError(f"probabilities folder does not exist: {args.probabilities} (the -o folder of "
+                            "mfs_predict --save_probabilities)")
         result = evaluate_folder(args.ref, args.pred, labels=labels, tolerance_mm=args.tolerance,
-                                 file_ending=args.file_ending, num_processes=args.num_processes, output_file=output)
-    except (FileNotFoundError, ValueError) as e:
+                                 file_ending=args.file_ending, num_processes=args.num_processes,
+                                 output_file=None if args.probabilities is not None else output)
+        if args.probabilities is not None:  # the summary is written once, with the calibration in it
+            calibration = evaluate_probability_folder(
+                args.ref, args.probabilities, case_foreground_dice(result, args.file_ending),
+                roi_dilation=args.roi_dilation, file_ending=args.file_ending)
+            result["calibration"] = calibration
+            os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+            with open(output, "w") as f:
+                json.dump(result, f, indent=2, sort_keys=True, allow_nan=False)
+    except (FileNotFoundError, ValueError, UserError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     print(f"{len(result['metric_per_case'])} case(s), NSD tolerance {args.tolerance} mm")
     print(format_table(result))
+    if calibration is not None:
+        print(f"\ncalibration of {args.probabilities} (top-label, {calibration['settings']['n_bins']} bins; roi = "
+              f"reference foreground dilated by {args.roi_dilation} voxels, cube)")
+        print(format_calibration_table(calibration))
     print(f"summary written to {output}")
     return 0
 

@@ -107,3 +107,69 @@ def test_dice_matches_nnunet(folders, tmp_path):
     for label, key in ((1, "1"), (2, "2"), ((1, 2), "(1, 2)")):
         assert ours["mean"][key]["Dice"] == pytest.approx(theirs["mean"][label]["Dice"], abs=1e-12)
     assert ours["foreground_mean"]["Dice"] == pytest.approx(theirs["foreground_mean"]["Dice"], abs=1e-12)
+
+
+def _write_probabilities(pred_dir, prob_dir, conf: float = 0.8) -> None:
+    """CASE.npz with ``conf`` on each predicted label (3 classes), in the SimpleITK array layout of the segmentation."""
+    prob_dir.mkdir(exist_ok=True)
+    for f in sorted(pred_dir.glob("*.nii.gz")):
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(f))).astype(np.int64)
+        onehot = np.moveaxis(np.eye(3)[seg], -1, 0)
+        probs = (onehot * conf + (1 - onehot) * (1 - conf) / 2).astype(np.float32)
+        np.savez_compressed(prob_dir / f.name.replace(".nii.gz", ".npz"), probabilities=probs)
+
+
+def test_cli_probabilities_adds_calibration(folders, tmp_path, capsys):
+    from medflowseg_nn.calibration import calibration_metrics
+
+    ref_dir, pred_dir = folders
+    prob_dir = tmp_path / "probs"
+    _write_probabilities(pred_dir, prob_dir)
+    out = tmp_path / "summary.json"
+    rc = main(["-ref", str(ref_dir), "-pred", str(pred_dir), "--probabilities", str(prob_dir), "--roi_dilation", "2",
+               "-o", str(out)])
+    assert rc == 0
+    summary = json.loads(out.read_text())
+    assert set(summary) == {"metric_per_case", "mean", "median", "foreground_mean", "calibration"}
+    c = summary["calibration"]
+    assert c["n_cases"] == 3 and c["settings"]["roi_dilation"] == 2
+    assert c["settings"]["dice_source"] == "segmentation files"
+    # pooled = the metric of all voxels of the three cases together (computed here directly)
+    refs = [sitk.GetArrayFromImage(sitk.ReadImage(str(ref_dir / f"case_{i}.nii.gz"))).astype(np.int64)
+            for i in range(3)]
+    probs = [np.load(prob_dir / f"case_{i}.npz")["probabilities"] for i in range(3)]
+    direct = calibration_metrics(np.concatenate([p.reshape(3, -1) for p in probs], 1),
+                                 np.concatenate([r.ravel() for r in refs]))
+    for key in ("ece", "brier", "nll", "aurc", "accuracy"):
+        assert c["dataset"]["all"][key] == pytest.approx(getattr(direct, key), rel=1e-9)
+    assert c["dataset"]["roi"]["n_voxels"] < c["dataset"]["all"]["n_voxels"]
+    case_1 = next(m for m in summary["metric_per_case"] if m["prediction_file"].endswith("case_1.nii.gz"))
+    fg = np.mean([case_1["metrics"][k]["Dice"] for k in ("1", "2")])
+    assert c["per_case"]["case_1"]["dice_fg"] == pytest.approx(fg)
+    printed = capsys.readouterr().out
+    assert "fg mean" in printed and "ECE" in printed and "AURC" in printed and "Spearman" in printed
+
+
+def test_cli_without_probabilities_prints_no_calibration(folders, capsys):
+    ref_dir, pred_dir = folders
+    assert main(["-ref", str(ref_dir), "-pred", str(pred_dir)]) == 0
+    assert "ECE" not in capsys.readouterr().out
+    assert "calibration" not in json.loads((pred_dir / "summary_mfs.json").read_text())
+
+
+@pytest.mark.parametrize("problem", ["missing", "no_key", "shape"])
+def test_cli_probability_errors_return_2_naming_the_file(folders, tmp_path, capsys, problem):
+    ref_dir, pred_dir = folders
+    prob_dir = tmp_path / "probs"
+    _write_probabilities(pred_dir, prob_dir)
+    if problem == "no_key":
+        np.savez(prob_dir / "case_1.npz", logits=np.zeros(3))
+    elif problem == "shape":
+        np.savez(prob_dir / "case_1.npz", probabilities=np.full((3, 24, 24, 20), 1 / 3, np.float32))
+    arg = str(tmp_path / "nope") if problem == "missing" else str(prob_dir)
+    out = tmp_path / "s.json"
+    assert main(["-ref", str(ref_dir), "-pred", str(pred_dir), "--probabilities", arg, "-o", str(out)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # tqdm also writes there
+    assert len(errors) == 1 and errors[0].startswith("mfs_evaluate: error: ")
+    assert ("nope" if problem == "missing" else "case_1.npz") in errors[0]
+    assert not out.exists()
