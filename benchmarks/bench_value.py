@@ -38,6 +38,7 @@ if __package__ in (None, ""):
     import sys
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
+from _value_report import RunScores, tables  # noqa: E402
 
 logger = logging.getLogger("benchmarks.value")
 SINGLE = [("1 step", "euler", 1, 1), ("Euler N=2", "euler", 2, 1), ("Euler N=4", "euler", 4, 1),
@@ -126,59 +127,6 @@ def probabilities(predictor, data, props: dict, threads: int) -> tuple[np.ndarra
     return np.asarray(probs, dtype=np.float32), wall
 
 
-class RunScores:
-    """Per-run accumulation over test cases: Dice/HD95 per case, pooled calibration (all, roi), entropies."""
-
-    def __init__(self, labels: Sequence[int], roi_dilation: int):
-        from medflowseg_nn.calibration import CalibrationAccumulator
-        self.labels, self.roi_dilation = list(labels), roi_dilation
-        self.acc = {"all": CalibrationAccumulator(), "roi": CalibrationAccumulator()}
-        self.cases: dict[str, dict[str, Any]] = {}
-        self.seconds: list[float] = []
-
-    def add(self, case: str, probs: np.ndarray, ref: np.ndarray, spacing: np.ndarray, seconds: float,
-            out_dir: Optional[Path], ref_img=None) -> float:
-        from medflowseg_nn import calibration as cal
-        from medflowseg_nn.evaluation import dice, hd95
-        seg = probs.argmax(0).astype(np.uint8)
-        roi = cal.reference_roi(ref, self.roi_dilation)
-        ent = cal.predictive_entropy(probs)
-        dices = [dice(ref == c, seg == c) for c in self.labels]
-        row = {"dice": dices, "dice_fg": float(np.mean(dices)),
-               "hd95": [hd95(ref == c, seg == c, spacing) for c in self.labels], "seconds": seconds,
-               "entropy_all": float(ent.mean()), "entropy_roi": float(ent[roi].mean()) if roi.any() else float("nan")}
-        for region, mask in (("all", None), ("roi", roi)):
-            one = cal.CalibrationAccumulator()
-            one.update(probs, ref, mask)
-            self.acc[region].merge(one)
-            row[region] = one.result().to_dict()
-        self.cases[case] = row
-        self.seconds.append(seconds)
-        if out_dir is not None:
-            import SimpleITK as sitk
-            out_dir.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(out_dir / f"{case}.npz", probabilities=probs)
-            img = sitk.GetImageFromArray(seg)
-            img.CopyInformation(ref_img)
-            sitk.WriteImage(img, str(out_dir / f"{case}.nii.gz"))
-        return row["dice_fg"]
-
-    def summary(self) -> dict[str, Any]:
-        from medflowseg_nn.calibration import spearman
-        rows = list(self.cases.values())
-        hd = np.asarray([r["hd95"] for r in rows], dtype=float)
-        err = [1 - r["dice_fg"] for r in rows]
-        out: dict[str, Any] = {"dice_fg": float(np.mean([r["dice_fg"] for r in rows])),
-                               "hd95": float(np.mean([np.mean(h[np.isfinite(h)]) for h in hd.T if np.isfinite(h).any()])),
-                               "hd95_n_inf": int((~np.isfinite(hd)).sum()), "s_per_case": float(np.mean(self.seconds)),
-                               "n_cases": len(rows)}
-        for region in ("all", "roi"):
-            res = self.acc[region].result()
-            out[region] = res.to_dict()
-            out[f"spearman_{region}"] = spearman([r[f"entropy_{region}"] for r in rows], err).to_dict()
-        return out
-
-
 def select_setting(trainer, args: argparse.Namespace, cases: list[str], inputs) -> tuple[str, str, int]:
     """The multi-step single-sample setting with the best mean Dice on fold-0 VALIDATION cases (ties: cheaper)."""
     from medflowseg_nn.evaluation import dice
@@ -196,32 +144,6 @@ def select_setting(trainer, args: argparse.Namespace, cases: list[str], inputs) 
     logger.info("validation Dice per setting %s -> K=4 at %s", scores, best)
     args.selection = {"cases": cases, "dice": scores, "best": best}
     return next((n, s, st) for n, s, st, _ in SINGLE if n == best)
-
-
-def fmt(values: Sequence[float], digits: int = 3) -> str:
-    v = [x for x in values if x is not None and np.isfinite(x)]
-    if not v:
-        return "n/a"
-    if len(values) == 1:
-        return f"{v[0]:.{digits}f}"
-    return f"{np.mean(v):.{digits}f} ({min(v):.{digits}f}–{max(v):.{digits}f})"
-
-
-def tables(results: dict[str, list[dict]]) -> tuple[str, str]:
-    seg_rows, cal_rows = [], []
-    for method, runs in results.items():
-        get = lambda f: [f(r) for r in runs]  # noqa: E731
-        seg_rows.append({"method": method, "runs": len(runs), "Dice": fmt(get(lambda r: r["dice_fg"])),
-                         "HD95 mm": fmt(get(lambda r: r["hd95"]), 2), "HD95 inf": sum(get(lambda r: r["hd95_n_inf"])),
-                         "s/case": fmt(get(lambda r: r["s_per_case"]), 2),
-                         "ρ(H, 1−Dice) roi": fmt(get(lambda r: r["spearman_roi"]["rho"]), 2),
-                         "ρ all": fmt(get(lambda r: r["spearman_all"]["rho"]), 2)})
-        row = {"method": method}
-        for region in ("all", "roi"):
-            for key, label in (("ece", "ECE"), ("brier", "Brier"), ("nll", "NLL"), ("aurc", "AURC")):
-                row[f"{label} {region}"] = fmt(get(lambda r: r[region][key]), 4 if region == "all" else 3)
-        cal_rows.append(row)
-    return (C.markdown_table(seg_rows, list(seg_rows[0])), C.markdown_table(cal_rows, list(cal_rows[0])))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,8 +257,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"seeds {args.seeds}, ours = {args.ours_trainer}")
     head = (f"{name} {args.configuration}, {len(test)} held-out test cases ({test[0]} .. {test[-1]}), {budget}; "
             f"TTA off; K=4 setting picked on {len(sel_cases)} fold-0 validation cases: {args.selection['best']} "
-            f"({', '.join(f'{k} {v:.3f}' for k, v in args.selection['dice'].items())}); train {train_done - t_start:.0f}"
-            f" s, total {total_s:.0f} s")
+            f"({', '.join(f'{k} {v:.3f}' for k, v in args.selection['dice'].items())}); "
+            f"train {train_done - t_start:.0f} s, total {total_s:.0f} s")
     print(f"\n{head}\n\nA. Segmentation, case-level Spearman, network s/case (mean over seeds, min–max)\n{seg_table}"
           f"\n\nB. Calibration, pooled over test voxels: all voxels / ROI = reference foreground dilated by "
           f"{args.roi_dilation} voxels (cube)\n{cal_table}")
