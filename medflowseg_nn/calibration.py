@@ -4,8 +4,10 @@ Definitions (per voxel v with probabilities p_v [C] summing to 1, reference labe
 top label argmax_c p_v,c and its confidence is max_c p_v,c):
 
 * **ECE**: top-label expected calibration error, ``n_bins`` (default 15) equal-width bins on [0, 1], L1:
-  ``sum_b |B_b| / n * |acc(B_b) - conf(B_b)|``. Bins are left-closed ``[i/M, (i+1)/M)`` with confidence 1.0 in
-  the last bin (``searchsorted(edges, conf, 'right') - 1``, the binning of torchmetrics' calibration error).
+  ``sum_b |B_b| / n * |acc(B_b) - conf(B_b)|``. Bins are left-closed ``[i/M, (i+1)/M)``, the last one
+  ``[(M-1)/M, 1]`` (``searchsorted(edges, conf, 'right') - 1``, clipped). torchmetrics bins the same way except
+  that it gives confidence exactly 1.0 an extra bin of its own, which matters here: float32 softmax saturates to
+  1.0 on most background voxels.
 * **Brier**: multiclass, ``sum_c (p_v,c - [y_v = c])^2`` averaged over voxels (0 ... 2).
 * **NLL**: ``-log p_v,y_v`` averaged over voxels, with p clamped to >= ``EPS`` = 1e-12 (float32 softmax
   underflows to 0), so one voxel contributes at most 27.6 nats.
