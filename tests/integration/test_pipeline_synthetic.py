@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -26,7 +27,14 @@ def test_plan_train_predict(nnunet_env, tmp_path, shape, configuration):
     model = nnunet_env["nnUNet_results"] / raw.name / f"MedFlowSegTrainer_smoke__MedFlowSegPlans__{configuration}"
     fold = model / "fold_0"
     assert (fold / "checkpoint_final.pth").is_file() and (fold / "progress.png").is_file()
-    assert json.loads((fold / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"] >= 0
+    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    # calibrated on 3 smoke runs each (2 CPU cores): 3d_fullres class-1 Dice 0.80 every time, where predicting
+    # label 1 everywhere scores about 0.16; the 2d smoke model (4 iterations) is erratic (foreground mean 0.15 -
+    # 0.37, about chance level), so in 2d only "it segments something" is required
+    if configuration == "3d_fullres":
+        assert summary["mean"]["1"]["Dice"] >= 0.5, summary["mean"]
+    else:
+        assert summary["foreground_mean"]["Dice"] > 0.05 and summary["foreground_mean"]["n_pred"] > 0, summary
     # the results folder's plans keep the flow block, with the default DBSA/FAA placement written out
     n = arch["arch_kwargs"]["n_stages"]
     block = plans["flow_matching"]
@@ -45,5 +53,12 @@ def test_plan_train_predict(nnunet_env, tmp_path, shape, configuration):
         assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2}
 
     # continuing a finished training only re-runs what is missing; --val re-runs the validation
+    shutil.rmtree(fold / "validation")
     assert train.main(["990", configuration, "0", "-tr", "MedFlowSegTrainer_smoke", "-device", "cpu",
                        "--val"]) == 0
+    val_cases = json.loads((nnunet_env["nnUNet_preprocessed"] / raw.name / "splits_final.json").read_text())[0]["val"]
+    assert val_cases and sorted(p.name for p in (fold / "validation").glob("*.nii.gz")) == \
+        sorted(f"{c}.nii.gz" for c in val_cases)
+    again = json.loads((fold / "validation" / "summary.json").read_text())
+    assert len(again["metric_per_case"]) == len(val_cases)
+    assert again["foreground_mean"]["Dice"] == pytest.approx(summary["foreground_mean"]["Dice"], abs=1e-6)

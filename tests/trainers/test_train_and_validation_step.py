@@ -1,0 +1,138 @@
+"""``MedFlowSegTrainer.train_step`` / ``validation_step`` on real batches of the trainer's own dataloaders.
+
+A tiny planned and preprocessed synthetic dataset; the network is shrunk in the plans for speed. The trainer is
+initialised as nnU-Net does it (``initialize()``: network, optimizer, loss); the batches come from
+``get_dataloaders()`` (nnU-Net's augmentation, single-threaded).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from medflowseg_nn.cli import plan_and_preprocess
+from medflowseg_nn.flow.path import LinearPath
+from medflowseg_nn.synthetic import make_synthetic_dataset
+from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer
+from medflowseg_nn.trainers.variants import MedFlowSegTrainer_velocity
+from tests.conftest import set_nnunet_env
+
+CONFIG = "3d_fullres"
+NUM_CLASSES = 3
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_step")
+    with pytest.MonkeyPatch.context() as mp:
+        set_nnunet_env(root, mp)
+        raw = make_synthetic_dataset(root / "nnUNet_raw", 982, num_train=5, shape=(16, 20, 16))
+        assert plan_and_preprocess.main(["-d", "982", "-c", CONFIG, "-np", "1", "--no_verify"]) == 0
+        pre = root / "nnUNet_preprocessed" / raw.name
+        yield SimpleNamespace(plans=json.loads((pre / "MedFlowSegPlans.json").read_text()),
+                              dataset_json=json.loads((pre / "dataset.json").read_text()))
+
+
+def make_trainer(planned, cls=MedFlowSegTrainer):
+    plans = copy.deepcopy(planned.plans)
+    plans["configurations"][CONFIG]["architecture"]["arch_kwargs"].update(
+        features_per_stage=[4, 8, 16], n_conv_per_stage=[1, 1, 1], n_conv_per_stage_decoder=[1, 1])
+    plans["continue_training"] = False
+    trainer = cls(plans, CONFIG, 0, planned.dataset_json, device=torch.device("cpu"))
+    trainer.initialize()
+    return trainer
+
+
+def real_batches(trainer) -> tuple[dict, dict]:
+    train_loader, val_loader = trainer.get_dataloaders()
+    return next(train_loader), next(val_loader)
+
+
+@pytest.mark.parametrize("cls", [MedFlowSegTrainer, MedFlowSegTrainer_velocity], ids=lambda c: c.__name__)
+def test_train_step_returns_the_batch_loss_and_updates_the_network(planned, cls):
+    trainer = make_trainer(planned, cls)
+    batch, _ = real_batches(trainer)
+    patch = tuple(trainer.configuration_manager.patch_size)
+    assert batch["data"].shape == (trainer.configuration_manager.batch_size, 1, *patch)
+    assert batch["target"].shape == (batch["data"].shape[0], 1, *patch)  # no deep-supervision list
+    assert set(batch["target"].unique().tolist()) <= {0, 1, 2}
+
+    before = {k: v.detach().clone() for k, v in trainer.network.named_parameters()}
+    torch.manual_seed(123)  # _flow_loss draws x0 and t from the global generator
+    with torch.no_grad():
+        expected = trainer._flow_loss(batch["data"], batch["target"])["loss"].item()
+    torch.manual_seed(123)
+    out = trainer.train_step(batch)
+    assert set(out) == {"loss"} and isinstance(out["loss"], np.ndarray) and out["loss"].shape == ()
+    assert np.isfinite(out["loss"]) and out["loss"] > 0
+    assert out["loss"] == pytest.approx(expected, rel=1e-5)  # the loss of this batch before the update
+
+    # conv biases directly followed by an instance norm have a mathematically zero gradient (the norm subtracts
+    # the mean); numerically it is ~1e-9 or exactly 0, so they are left out of the checks below
+    params = {k: p for k, p in trainer.network.named_parameters() if not k.endswith(".conv.bias")}
+    changed = {k for k, p in params.items() if not torch.equal(p.detach(), before[k])}
+    # the plain U-Net path learns from the first step (the attention branches and the time MLP sit behind
+    # zero-initialised projections, so they only get gradients once those have moved)
+    main_path = {k for k in params if k.split(".")[0] in ("encoder", "decoder", "upsample", "seg_head")}
+    assert len(main_path) > 10 and main_path <= changed, sorted(main_path - changed)
+    delta = max((params[k].detach() - before[k]).abs().max().item() for k in changed)
+    assert 0 < delta < 1
+    # after a second step every parameter gets a gradient: nothing in the network is dead
+    assert np.isfinite(trainer.train_step(batch)["loss"])
+    dead = [k for k, p in params.items() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not dead
+    assert all(not torch.equal(p.detach(), before[k]) for k, p in params.items())
+
+
+def hand_stats(pred: torch.Tensor, seg: torch.Tensor) -> np.ndarray:
+    """[3, K-1] tp, fp, fn of integer maps ``pred`` and ``seg`` (same shape), foreground classes only."""
+    rows = []
+    for c in range(1, NUM_CLASSES):
+        p, s = pred == c, seg == c
+        rows.append([(p & s).sum().item(), (p & ~s).sum().item(), (~p & s).sum().item()])
+    return np.array(rows, dtype=np.float64).T
+
+
+@pytest.mark.parametrize("cls", [MedFlowSegTrainer, MedFlowSegTrainer_velocity], ids=lambda c: c.__name__)
+def test_validation_step_is_one_step_inference_from_the_seeded_prior(planned, cls):
+    trainer = make_trainer(planned, cls)
+    _, batch = real_batches(trainer)
+    trainer.val_multistep_steps = 2  # the multi-step Dice of the first batches: 2 Euler steps are enough here
+    trainer.on_validation_epoch_start()
+    assert not trainer.network.training
+    out = trainer.validation_step(batch)
+    assert set(out) == {"loss", "tp_hard", "fp_hard", "fn_hard"}
+    for key in ("tp_hard", "fp_hard", "fn_hard"):
+        assert out[key].shape == (NUM_CLASSES - 1,)
+    assert np.isfinite(out["loss"]) and out["loss"].shape == ()
+
+    # by hand: x0 ~ N(0, I) from a CPU generator seeded with the plans' prior seed, t = 0, argmax of the output
+    image, seg = batch["data"], batch["target"][:, 0].long()
+    shape = (image.shape[0], NUM_CLASSES, *image.shape[2:])
+    x0 = torch.randn(shape, generator=torch.Generator().manual_seed(trainer.flow_config.prior_seed))
+    t0 = torch.zeros(image.shape[0])
+    with torch.no_grad():
+        raw = trainer.network(image, x0, t0)
+    # x1: the output is the clean-mask logits; velocity: x̂1 = x0 + (1 - 0) v
+    pred = raw.argmax(1) if cls.flow_overrides.get("parameterization", "x1") == "x1" else (x0 + raw).argmax(1)
+    stats = hand_stats(pred, seg)
+    assert np.array_equal(np.stack([out["tp_hard"], out["fp_hard"], out["fn_hard"]]), stats)
+    counts = np.array([(seg == c).sum().item() for c in range(1, NUM_CLASSES)])
+    assert np.array_equal(out["tp_hard"] + out["fn_hard"], counts) and counts.min() > 0
+    assert out["tp_hard"].sum() + out["fp_hard"].sum() == (pred > 0).sum().item()
+
+    x1 = torch.nn.functional.one_hot(seg, NUM_CLASSES).movedim(-1, 1).float() * 2 - 1
+    with torch.no_grad():
+        loss = trainer.loss(raw, LinearPath().sample(x0, x1, t0), batch["target"])["loss"]
+    assert out["loss"] == pytest.approx(loss.item(), rel=1e-5)
+
+    # deterministic: the same batch gives the same numbers; the multi-step Dice counts the same ground truth
+    again = trainer.validation_step(batch)
+    assert all(np.array_equal(out[k], again[k]) for k in out)
+    assert len(trainer._multistep_stats) == 2
+    ms_tp, _, ms_fn = trainer._multistep_stats[0]
+    assert np.array_equal(ms_tp + ms_fn, counts)

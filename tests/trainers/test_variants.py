@@ -1,0 +1,154 @@
+"""Each one-concern trainer variant changes what it claims, on fresh plans of a planned synthetic dataset.
+
+The plans dict is loaded from disk for every test (never one a trainer has touched): the variants are class
+attributes resolved by ``MedFlowSegTrainer.resolved_flow_config``, which must be pure, and the plans a trainer
+will save to its results folder (``trainer.plans_manager.plans``) must describe the network it trains.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from medflowseg_nn.cli import plan_and_preprocess
+from medflowseg_nn.config import PLANS_KEY, FlowMatchingConfig
+from medflowseg_nn.flow.loss import FlowMatchingLoss
+from medflowseg_nn.flow.path import LinearPath
+from medflowseg_nn.model import build_vector_field
+from medflowseg_nn.networks.dual_branch_spatial_attention import DualBranchSpatialAttention
+from medflowseg_nn.networks.frequency_aware_attention import FrequencyAwareAttention
+from medflowseg_nn.synthetic import make_synthetic_dataset
+from medflowseg_nn.trainers import variants
+from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer
+from tests.conftest import set_nnunet_env
+
+CONFIG = "3d_fullres"
+ALL_CLASSES = [MedFlowSegTrainer] + [getattr(variants, n) for n in sorted(vars(variants))
+                                     if n.startswith("MedFlowSegTrainer_")]
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    """Plans (no preprocessing) of a tiny 3D synthetic dataset; env vars stay set for the module's tests."""
+    root = tmp_path_factory.mktemp("variants")
+    with pytest.MonkeyPatch.context() as mp:
+        set_nnunet_env(root, mp)
+        raw = make_synthetic_dataset(root / "nnUNet_raw", 981, num_train=3, shape=(16, 20, 16))
+        assert plan_and_preprocess.main(["-d", "981", "-c", CONFIG, "-np", "1", "--no_pp", "--no_verify"]) == 0
+        pre = root / "nnUNet_preprocessed" / raw.name
+        yield SimpleNamespace(plans_file=pre / "MedFlowSegPlans.json",
+                              dataset_json=json.loads((pre / "dataset.json").read_text()))
+
+
+def fresh(planned) -> tuple[dict, PlansManager]:
+    plans = json.loads(planned.plans_file.read_text())
+    return plans, PlansManager(plans)
+
+
+def attention_modules(net: torch.nn.Module) -> tuple[int, int]:
+    mods = list(net.modules())
+    return (sum(isinstance(m, DualBranchSpatialAttention) for m in mods),
+            sum(isinstance(m, FrequencyAwareAttention) for m in mods))
+
+
+def make_trainer(cls, planned, plans: dict):
+    plans["continue_training"] = False  # what mfs_train / nnU-Net's run_training put in (the trainer pops it)
+    return cls(plans, CONFIG, 0, planned.dataset_json, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("cls,has_dbsa,has_faa", [
+    (MedFlowSegTrainer, True, True), (variants.MedFlowSegTrainer_noDBSA, False, True),
+    (variants.MedFlowSegTrainer_noFAA, True, False), (variants.MedFlowSegTrainer_noAttention, False, False),
+    (variants.MedFlowSegTrainer_velocity, True, True), (variants.MedFlowSegTrainer_uniformTime, True, True)])
+def test_network_has_exactly_the_attention_modules_the_variant_claims(planned, cls, has_dbsa, has_faa):
+    plans, pm = fresh(planned)
+    net = cls.build_network_architecture(pm, pm.get_configuration(CONFIG), 1, 3, False)
+    n_dbsa, n_faa = attention_modules(net)
+    assert (n_dbsa > 0, n_faa > 0) == (has_dbsa, has_faa), (n_dbsa, n_faa)
+    n_stages = plans["configurations"][CONFIG]["architecture"]["arch_kwargs"]["n_stages"]
+    if has_dbsa:  # the default placement: the deepest skip only
+        assert n_dbsa == 1 and sorted(net.dbsa) == [str(n_stages - 2)]
+    if has_faa:  # the two lowest-resolution stages
+        assert n_faa == 2 and sorted(net.faa) == [str(n_stages - 2), str(n_stages - 1)]
+
+
+def test_velocity_variant_trains_and_losses_the_velocity_parameterization(planned):
+    plans, pm = fresh(planned)
+    cm = pm.get_configuration(CONFIG)
+    assert MedFlowSegTrainer.resolved_flow_config(plans, cm).parameterization == "x1"
+    for cls in (variants.MedFlowSegTrainer_velocity, variants.MedFlowSegTrainer_velocityUniformTime):
+        assert cls.resolved_flow_config(plans, cm).parameterization == "velocity"
+        trainer = make_trainer(cls, planned, fresh(planned)[0])
+        loss = trainer._build_loss()
+        assert isinstance(loss, FlowMatchingLoss) and loss.parameterization == "velocity"
+        # behaviour, not only the attribute: the exact target velocity has zero flow MSE under 'velocity' only
+        x0, seg = torch.randn(2, 3, 4, 5, 4), torch.randint(0, 3, (2, 1, 4, 5, 4))
+        x1 = torch.nn.functional.one_hot(seg[:, 0], 3).movedim(-1, 1).float() * 2 - 1
+        path = LinearPath().sample(x0, x1, torch.tensor([0.0, 0.5]))
+        assert loss(path.velocity, path, seg)["mse"] < 1e-10
+        assert FlowMatchingLoss("x1")(path.velocity, path, seg)["mse"] > 0.1
+    default = make_trainer(MedFlowSegTrainer, planned, fresh(planned)[0])._build_loss()
+    assert default.parameterization == "x1"
+
+
+@pytest.mark.parametrize("cls,zero_share", [(MedFlowSegTrainer, 0.5), (variants.MedFlowSegTrainer_uniformTime, 0.0),
+                                            (variants.MedFlowSegTrainer_velocityUniformTime, 0.0),
+                                            (variants.MedFlowSegTrainer_velocity, 0.5)])
+def test_time_sampler_mass_at_zero(planned, cls, zero_share):
+    trainer = make_trainer(cls, planned, fresh(planned)[0])
+    torch.manual_seed(0)
+    t = trainer.time_sampler.sample(20000)
+    assert t.shape == (20000,) and 0 <= t.min() and t.max() < 1
+    share = (t == 0).float().mean().item()
+    if zero_share == 0:
+        assert share == 0.0
+        assert abs(t.mean().item() - 0.5) < 0.02 and abs(t.var().item() - 1 / 12) < 0.005  # U(0, 1)
+    else:
+        assert abs(share - zero_share) < 0.02
+
+
+def test_resolved_flow_config_is_pure_and_idempotent(planned):
+    plans, pm = fresh(planned)
+    cm = pm.get_configuration(CONFIG)
+    before = copy.deepcopy(plans)
+    for cls in ALL_CLASSES:
+        config = cls.resolved_flow_config(plans, cm)
+        assert plans == before, cls.__name__
+        assert config.network.dbsa_stages is not None and config.network.faa_stages is not None
+        for key, value in cls.flow_overrides.items():
+            assert getattr(config, key) == value
+        for key, value in cls.network_overrides.items():
+            assert getattr(config.network, key) == value
+        again = cls.resolved_flow_config({**plans, PLANS_KEY: config.to_dict()}, cm)
+        assert again == config, cls.__name__
+    assert plans[PLANS_KEY]["network"]["dbsa_stages"] is None  # the planner leaves the default placement open
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
+def test_trainer_saves_the_resolved_block_and_leaves_the_callers_plans_alone(planned, cls):
+    plans, pm = fresh(planned)
+    cm = pm.get_configuration(CONFIG)
+    expected = cls.resolved_flow_config(plans, cm).to_dict()
+    plans["continue_training"] = False
+    before = copy.deepcopy(plans)
+    trainer = cls(plans, CONFIG, 0, planned.dataset_json, device=torch.device("cpu"))
+    # nnU-Net 2.8's trainer pops 'continue_training' from the dict it is given; nothing else may change
+    del before["continue_training"]
+    assert plans == before
+    saved = trainer.plans_manager.plans[PLANS_KEY]
+    assert saved == expected
+    assert isinstance(saved["network"]["dbsa_stages"], list) and isinstance(saved["network"]["faa_stages"], list)
+    assert trainer.flow_config == FlowMatchingConfig.from_dict(saved)
+    for name, value in cls.trainer_overrides.items():
+        assert getattr(trainer, name) == value
+    # the predictor builds from the saved block alone: the same network the variant trains
+    saved_pm = PlansManager(trainer.plans_manager.plans)
+    rebuilt = build_vector_field(saved_pm.get_configuration(CONFIG), 1, 3, FlowMatchingConfig.from_plans(
+        trainer.plans_manager.plans))
+    trained = cls.build_network_architecture(PlansManager(fresh(planned)[0]), cm, 1, 3, False)
+    assert attention_modules(rebuilt) == attention_modules(trained)
+    assert rebuilt.state_dict().keys() == trained.state_dict().keys()
