@@ -132,7 +132,7 @@ def plain_unet_plans(plans: dict) -> dict:
 
 def trainer_for(method: str, plans: dict, dataset_json: dict, configuration: str, fold: int, device: Any):
     """``ours`` → MedFlowSegTrainer on our plans; ``nnunet`` → nnUNetTrainer on the PlainConvUNet copy."""
-    from trainers import get_trainer_class
+    from medflowseg_nn.plugins import get_trainer_class
     if method not in ("ours", "nnunet"):
         raise ValueError(f"unknown method {method!r}")
     plans = copy.deepcopy(plans) if method == "ours" else plain_unet_plans(plans)

@@ -51,7 +51,7 @@ def predict_cases(trainer, method: str, cases: Sequence[str], out_dir: Path, arg
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from medflowseg_nn.predictor import MedFlowSegPredictor
+    from medflowseg_nn.inference.predictor import MedFlowSegPredictor
 
     trainer.set_deep_supervision_enabled(False)
     network = trainer.network

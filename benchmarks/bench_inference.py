@@ -43,8 +43,8 @@ def build_predictors(plans: dict, dataset_json: dict, configuration: str, tta: b
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from medflowseg_nn.predictor import MedFlowSegPredictor
-    from trainers import get_trainer_class
+    from medflowseg_nn.inference.predictor import MedFlowSegPredictor
+    from medflowseg_nn.plugins import get_trainer_class
 
     device = torch.device("cpu")
     out = {}

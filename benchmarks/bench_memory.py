@@ -10,7 +10,7 @@ Our estimate is therefore as safe as nnU-Net's iff measured / estimate for Vecto
 measured / estimate for PlainConvUNet on the same plans (column ``vs plain``, ≤ 1 = at least as conservative).
 
 Measured: the storages autograd saves for backward during one training forward at batch 1 on the plans' patch
-(``medflowseg_nn.networks.memory``: saved-tensor hooks, each storage once, parameters left out; fp32 on CPU;
+(``medflowseg_nn.profiling.memory``: saved-tensor hooks, each storage once, parameters left out; fp32 on CPU;
 random image, x_t and t), followed by a backward; and, noisier, the RSS increase of one more forward + backward
 (peak reset through ``/proc/self/clear_refs``, heap trimmed first). Networks as ``profile_network.build_networks``
 builds them (PlainConvUNet as nnUNetTrainer builds it, without deep supervision; ours as
@@ -78,7 +78,7 @@ def check_ours_matches_trainer(name: str, configuration: str, net: Any, n_in: in
     """build_networks' "ours" must be MedFlowSegTrainer.build_network_architecture's network."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from trainers.mfs_trainer import MedFlowSegTrainer
+    from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer
     pm = PlansManager(C.load_plans(name)[0])
     ref = MedFlowSegTrainer.build_network_architecture(pm, pm.get_configuration(configuration), n_in, n_out)
     shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
@@ -93,7 +93,7 @@ def planner_estimates(name: str, configuration: str, nets: dict, patch: list[int
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from medflowseg_nn.config import FlowMatchingConfig
-    from planners.mfs_planner import MedFlowSegPlanner
+    from medflowseg_nn.planners.mfs_planner import MedFlowSegPlanner
     plans, dataset_json = C.load_plans(name)
     cm = PlansManager(plans).get_configuration(configuration)
     n_labels = len(dataset_json["labels"])  # what the planner passes as output_channels
@@ -113,7 +113,7 @@ def planner_estimates(name: str, configuration: str, nets: dict, patch: list[int
 def measure(net: Any, kind: str, patch: list[int], n_in: int, n_out: int) -> dict[str, Any]:
     import torch
 
-    from medflowseg_nn.networks.memory import measure_saved_for_backward
+    from medflowseg_nn.profiling.memory import measure_saved_for_backward
     torch.manual_seed(0)
     image = torch.randn(1, n_in, *patch)
     inputs = (image,) if kind == "plain" else (image, torch.randn(1, n_out, *patch), torch.rand(1))
@@ -176,8 +176,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     C.setup_env(args.work)
     import torch
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    import planners.mfs_planner  # noqa: F401 - import the code measured now, so machine_info's git state is its
-    import trainers.mfs_trainer  # noqa: F401
+    import medflowseg_nn.planners.mfs_planner  # noqa: F401 - import the code measured now, so machine_info's git state is its
+    import medflowseg_nn.trainers.mfs_trainer  # noqa: F401
     info = C.machine_info()
     rows, lines = [], []
     for d in args.datasets:

@@ -66,11 +66,10 @@ def decile_stats(u: np.ndarray, err: np.ndarray, tiebreak: np.ndarray) -> dict[s
 
 def load_predictor(args: argparse.Namespace, k: int):
     import torch
-    from medflowseg_nn.predictor import MedFlowSegPredictor
+    from medflowseg_nn.inference.predictor import MedFlowSegPredictor
     predictor = MedFlowSegPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=args.tta,
                                     perform_everything_on_device=True, device=torch.device(args.device),
-                                    verbose=False, allow_tqdm=False, seed=args.seed, num_samples=k,
-                                    compute_disagreement=k >= 2)
+                                    verbose=False, allow_tqdm=False, seed=args.seed, num_samples=k)
     predictor.initialize_from_trained_model_folder(str(args.model), [args.fold], args.checkpoint)
     return predictor
 
@@ -89,18 +88,15 @@ def validation_cases(args: argparse.Namespace, dataset_name: str) -> list[str]:
 def predict_case(predictor, data, props: dict, k: int, threads: int) -> tuple[float, float, dict[str, np.ndarray]]:
     """(wall s, CPU s, {seg, entropy, disagreement?}) in the raw image geometry."""
     import torch
-    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
-    from medflowseg_nn.uncertainty import predictive_entropy, revert_to_original_geometry
+    from medflowseg_nn.inference.export import case_arrays
     t0, c0 = time.perf_counter(), time.process_time()
-    logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
+    pred = predictor.predict_case(torch.from_numpy(data), with_disagreement=k >= 2)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    seg, probs = convert_predicted_logits_to_segmentation_with_correct_shape(
-        logits, predictor.plans_manager, predictor.configuration_manager, predictor.label_manager, props,
-        return_probabilities=True, num_threads_torch=threads)
-    out = {"seg": np.asarray(seg), "entropy": predictive_entropy(probs)}
+    arrays = case_arrays(pred.logits, props, predictor.plans_manager, predictor.configuration_manager,
+                         predictor.label_manager, disagreement=pred.disagreement, with_entropy=True)
+    out = {"seg": np.asarray(arrays.segmentation), "entropy": arrays.entropy}
     if k >= 2:
-        out["disagreement"] = revert_to_original_geometry(predictor.last_disagreement, props, predictor.plans_manager,
-                                                          predictor.configuration_manager, (0, 1))
+        out["disagreement"] = arrays.disagreement
     return wall, cpu, out
 
 

@@ -26,7 +26,7 @@ VARIANTS = ("nnUNetTrainer", "MedFlowSegTrainer", "MedFlowSegTrainer_uniformTime
 def run_variant(name: str, dataset: str, configuration: str, iterations: int, val_iterations: int,
                 device: torch.device, batch_size: Optional[int] = None) -> dict:
     from medflowseg_nn.cli.train import build_trainer
-    from trainers.mfs_trainer import MedFlowSegTrainer
+    from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer
 
     trainer = build_trainer(dataset, configuration, 0, name, device=device)
     if not isinstance(trainer, MedFlowSegTrainer):  # plain nnU-Net: its own network on the same plans
@@ -59,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", default="benchmarks/out/calibrate_flow.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    from medflowseg_nn.cli._common import pick_device
+    from medflowseg_nn.cli.common import pick_device
     device = pick_device(args.device)
     rows = []
     for name in args.variants:

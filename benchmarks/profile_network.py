@@ -51,7 +51,7 @@ def build_networks(name: str, configuration: str, variants: Sequence[str]) -> tu
 
     from medflowseg_nn.config import FlowMatchingConfig
     from medflowseg_nn.networks.vector_field_unet import VectorFieldUNet
-    from trainers import get_trainer_class
+    from medflowseg_nn.plugins import get_trainer_class
 
     plans, dataset_json = C.load_plans(name)
     nets = {}

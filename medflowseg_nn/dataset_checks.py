@@ -18,9 +18,11 @@ import re
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from medflowseg_nn.errors import UserError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _GEOMETRY_FIX = "if the voxels are aligned copy the geometry over (sitk: CopyInformation), otherwise resample it"
 
 
-class DatasetIntegrityError(ValueError):
+class DatasetIntegrityError(UserError, ValueError):
     """Raised by :func:`verify_raw_dataset`; ``problems`` holds one human-readable line per problem."""
 
     def __init__(self, problems: list[str], dataset_folder: str | Path | None = None) -> None:
@@ -39,12 +41,6 @@ class DatasetIntegrityError(ValueError):
         where = f" {dataset_folder}" if dataset_folder is not None else ""
         header = f"Dataset{where} failed integrity checks ({len(self.problems)} problem(s)):"
         super().__init__("\n".join([header, *self.problems]))
-
-
-def _one_line(exc: BaseException, limit: int = 160) -> str:
-    """Collapse an exception (SimpleITK's are multi-line) into a short single line."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:limit]}{'…' if len(text) > limit else ''}"
 
 
 def _fmt(values: Any) -> str:
@@ -98,10 +94,16 @@ def _compare(case: str, what: str, ref_name: str, ref: dict, other: dict, hint: 
 
 
 def _check_case(task: tuple[str, list[str], str | None, bool, list[int] | None, int]) -> tuple[list[str], int | None]:
-    """Check one case; top-level so a spawn pool can pickle it. ``task`` = (case_id, image_paths, label_path,
-    natural, allowed_labels, n_channels). Returns (problems, number of axes longer than 1 of the first image or None).
-    """
-    case, image_paths, label_path, natural, allowed, n_channels = task
+    """:func:`check_case` on a (case, images, label, natural, allowed, n_channels) tuple (what a pool maps)."""
+    return check_case(*task)
+
+
+def check_case(case: str, image_paths: Sequence[str], label_path: Optional[str] = None, natural: bool = False,
+               allowed_labels: Optional[list[int]] = None, num_channels: int = 1) -> tuple[list[str], int | None]:
+    """Check one case: every image (and the label, if given) is readable, finite, single-component, on one grid;
+    label values are declared. Returns (one line per problem naming the file, number of axes longer than 1 of the
+    first image or None)."""
+    allowed, n_channels = allowed_labels, num_channels
     problems: list[str] = []
     infos: list[tuple[str, dict]] = []
     for path in image_paths:
@@ -109,7 +111,7 @@ def _check_case(task: tuple[str, list[str], str | None, bool, list[int] | None, 
         try:
             arr, info = _read(path, natural)
         except Exception as exc:  # noqa: BLE001 - any reader failure means the file is unusable
-            problems.append(f"{name}: unreadable image file ({_one_line(exc)}) — the file is truncated or corrupt; "
+            problems.append(f"{name}: unreadable image file ({one_line(exc)}) — the file is truncated or corrupt; "
                             "re-export or re-download it")
             continue
         if natural and info["ndim"] != 2:
@@ -138,7 +140,7 @@ def _check_case(task: tuple[str, list[str], str | None, bool, list[int] | None, 
     try:
         seg, linfo = _read(label_path, natural)
     except Exception as exc:  # noqa: BLE001
-        problems.append(f"{lname}: unreadable label file ({_one_line(exc)}) — the file is truncated or corrupt; "
+        problems.append(f"{lname}: unreadable label file ({one_line(exc)}) — the file is truncated or corrupt; "
                         "re-export or re-download it")
         return problems, effective
     if linfo["channels"] != 1:
@@ -186,7 +188,7 @@ def _load_dataset_json(folder: Path) -> tuple[list[str], dict | None]:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return [f"dataset.json: not valid JSON ({_one_line(exc)}) — fix the syntax"], None
+        return [f"dataset.json: not valid JSON ({one_line(exc)}) — fix the syntax"], None
     if not isinstance(data, dict):
         return ["dataset.json: top level must be a JSON object — wrap the keys in {...}"], None
     problems = [f"dataset.json: missing required key '{key}' — add it" for key in REQUIRED_KEYS if key not in data]
@@ -282,8 +284,7 @@ def verify_raw_dataset(dataset_folder: str | Path, num_processes: int = 1) -> No
             results = pool.map(_check_case, tasks, chunksize=max(1, len(tasks) // (4 * num_processes)))
     else:
         results = [_check_case(t) for t in tasks]
-    for case_problems, _ in results:
-        problems += case_problems
+    problems += [p for case_problems, _ in results for p in case_problems]
 
     dims = {t[0]: dim for t, (_, dim) in zip(tasks, results) if dim is not None}
     if not natural and dims:

@@ -11,3 +11,9 @@ from __future__ import annotations
 
 class UserError(RuntimeError):
     """An error whose message is complete advice for the user (exit code 2, no traceback)."""
+
+
+def one_line(exc: BaseException, limit: int = 160) -> str:
+    """Collapse an exception (SimpleITK's are multi-line) into ``"Type: message"`` on one short line."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:limit]}{'…' if len(text) > limit else ''}"

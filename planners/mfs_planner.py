@@ -9,18 +9,20 @@ two things change:
   estimate ignores;
 * the plans get a ``flow_matching`` block (:class:`~medflowseg_nn.config.FlowMatchingConfig`).
 
-Preprocessor and data identifiers stay nnU-Net's, so preprocessed data is shared with a plain nnU-Net run.
+Import as ``medflowseg_nn.planners.mfs_planner`` (the repository folder ``planners/`` is installed under the
+``medflowseg_nn`` namespace). Preprocessor and data identifiers stay nnU-Net's, so preprocessed data is shared with a plain nnU-Net run.
 """
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
+from medflowseg_nn import nnunet_compat
 from medflowseg_nn.config import PLANS_KEY, FlowMatchingConfig
+from medflowseg_nn.model import MEMORY_ESTIMATE_KEY
 from medflowseg_nn.networks.vector_field_unet import VectorFieldUNet
 
 logger = logging.getLogger(__name__)
@@ -47,18 +49,13 @@ class MedFlowSegPlanner(ExperimentPlanner):
         ``compute_conv_feature_map_size``; we add the input tensor (image ⊕ x_t channels).
         """
         kwargs = dict(arch_kwargs, **self.flow_config.network.network_kwargs())
-        # nnU-Net's estimate calls torch.set_num_threads(nnUNet_n_proc_DA), which crashes for 0 (0 = no DA workers)
-        n_da = os.environ.get("nnUNet_n_proc_DA")
-        if n_da is not None and n_da.strip() == "0":
-            os.environ["nnUNet_n_proc_DA"] = "1"
-        try:
+        with nnunet_compat.nonzero_da_threads():
             estimate = super().static_estimate_VRAM_usage(patch_size, input_channels, output_channels,
                                                           arch_class_name, kwargs, arch_kwargs_req_import)
-        finally:
-            if n_da is not None:
-                os.environ["nnUNet_n_proc_DA"] = n_da
         return np.int64(estimate) + np.prod([input_channels + output_channels, *patch_size], dtype=np.int64)
 
     def save_plans(self, plans: dict) -> None:
         plans[PLANS_KEY] = self.flow_config.to_dict()
+        # what patch and batch size were sized for; the trainer warns when it trains a costlier network
+        plans[MEMORY_ESTIMATE_KEY] = {"network": self.flow_config.to_dict()["network"]}
         super().save_plans(plans)

@@ -1,5 +1,8 @@
 """MedFlowSegTrainer: nnU-Net's trainer with a flow-matching objective.
 
+Import as ``medflowseg_nn.trainers.mfs_trainer`` (the repository folder ``trainers/`` is installed under the
+``medflowseg_nn`` namespace).
+
 Kept from nnU-Net: data loading and augmentation, optimiser and poly LR, logging and progress.png, checkpoints,
 ``--c`` / ``--val``, final validation and export. Changed: the network (:class:`VectorFieldUNet`, built from the
 plans), the objective (:class:`FlowMatchingLoss` on x_t = (1 − t) x0 + t x1), validation (pseudo Dice of
@@ -8,40 +11,32 @@ for the final validation (:class:`MedFlowSegPredictor`). Deep supervision is off
 """
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
-import pydoc
 import sys
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
-from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as nnunet_trainer_module
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
 from tqdm import tqdm
 
+from medflowseg_nn import nnunet_compat
 from medflowseg_nn.config import PLANS_KEY, FlowMatchingConfig
+from medflowseg_nn.errors import UserError
 from medflowseg_nn.flow.label_space import segmentation_to_target
 from medflowseg_nn.flow.loss import FlowMatchingLoss, interpret_output
 from medflowseg_nn.flow.path import LinearPath
 from medflowseg_nn.flow.solver import sample_prior
-from medflowseg_nn.networks.vector_field_unet import VectorFieldUNet
-from medflowseg_nn.predictor import MedFlowSegPredictor
-from medflowseg_nn.segmenter import FlowSegmenter
+from medflowseg_nn.inference.predictor import MedFlowSegPredictor
+from medflowseg_nn.inference.sampler import FlowSegmenter
+from medflowseg_nn.model import build_vector_field, check_memory_estimate
 
-
-@contextlib.contextmanager
-def _swapped(module: object, name: str, value: object) -> Iterator[None]:
-    old = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, old)
+logger = logging.getLogger(__name__)
 
 
 class MedFlowSegTrainer(nnUNetTrainer):
@@ -60,18 +55,16 @@ class MedFlowSegTrainer(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.label_manager.has_regions or self.label_manager.has_ignore_label:
-            raise NotImplementedError("MedFlowSegTrainer supports plain label maps only (no regions, no ignore "
-                                      "label) — remove 'regions_class_order'/'ignore' from dataset.json")
+            raise UserError("MedFlowSegTrainer supports plain label maps only (no regions, no ignore label) — "
+                            "remove 'regions_class_order'/'ignore' from dataset.json")
         self.enable_deep_supervision = False
         self.save_every = 1  # checkpoint_latest after every epoch: an interrupted run loses at most one epoch
         for name, value in self.trainer_overrides.items():
             setattr(self, name, value)
-        config = self.configure_flow(FlowMatchingConfig.from_plans(self.plans_manager.plans))
-        n_stages = self.configuration_manager.network_arch_init_kwargs["n_stages"]
-        self.flow_config = config.replace(network=config.network.resolved(n_stages))
-        # the plans copied to the results folder (and read by the predictor) describe what is trained, with the
-        # DBSA/FAA placement written out (not left to the code's defaults)
-        self.plans_manager.plans[PLANS_KEY] = self.flow_config.to_dict()
+        self.flow_config = self.resolved_flow_config(self.plans_manager.plans, self.configuration_manager)
+        # the plans nnU-Net copies to the results folder (read by the predictor) describe what is trained, with
+        # the DBSA/FAA placement written out (not left to the code's defaults); the caller's dict is not touched
+        self.plans_manager.plans = {**self.plans_manager.plans, PLANS_KEY: self.flow_config.to_dict()}
         self.time_sampler = self.flow_config.build_time_sampler()
         self.path = LinearPath()
         self._val_batch_index = 0
@@ -80,23 +73,26 @@ class MedFlowSegTrainer(nnUNetTrainer):
         #: tqdm bar over each epoch's iterations; on by default only when stderr is a terminal
         self.show_progress = sys.stderr.isatty() and self.local_rank == 0
 
-    def configure_flow(self, config: FlowMatchingConfig) -> FlowMatchingConfig:
-        """The flow configuration to train with: the plans' block with this class's overrides applied."""
-        return config.replace(**self.flow_overrides).with_network(**self.network_overrides)
+    @classmethod
+    def resolved_flow_config(cls, plans: dict, configuration_manager: ConfigurationManager) -> FlowMatchingConfig:
+        """What this class trains on ``plans``: the plans' ``flow_matching`` block with the class's overrides
+        applied and the DBSA/FAA placement written out for the configuration's stages. Pure: ``plans`` is not
+        modified. Applying it to plans that already hold its result returns the same configuration."""
+        config = FlowMatchingConfig.from_plans(plans).replace(**cls.flow_overrides)
+        config = config.with_network(**cls.network_overrides)
+        n_stages = configuration_manager.network_arch_init_kwargs["n_stages"]
+        return config.replace(network=config.network.resolved(n_stages))
 
-    @staticmethod
-    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
-        """The vector field for these plans: nnU-Net's architecture keywords + the flow block's network options.
-        Also used by the predictor, so training and inference build the same network."""
-        flow = FlowMatchingConfig.from_plans(plans_manager.plans)
-        kwargs = dict(configuration_manager.network_arch_init_kwargs)
-        for key in configuration_manager.network_arch_init_kwargs_req_import:
-            if kwargs.get(key) is not None:
-                kwargs[key] = pydoc.locate(kwargs[key])
-        kwargs.update(flow.network.network_kwargs())
-        return VectorFieldUNet(num_input_channels, num_output_channels, **kwargs)
+        """The vector field this class trains on these plans (nnU-Net calls it on the class or an instance).
+        Warns when its network needs more memory than the planner sized patch and batch for."""
+        config = cls.resolved_flow_config(plans_manager.plans, configuration_manager)
+        check_memory_estimate(plans_manager.plans, configuration_manager, num_input_channels, num_output_channels,
+                              config.network)
+        return build_vector_field(configuration_manager, num_input_channels, num_output_channels, config)
 
     def _build_loss(self) -> nn.Module:
         c = self.flow_config
@@ -205,5 +201,5 @@ class MedFlowSegTrainer(nnUNetTrainer):
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         """nnU-Net's final validation, run through :class:`MedFlowSegPredictor` (one-step inference)."""
-        with _swapped(nnunet_trainer_module, "nnUNetPredictor", MedFlowSegPredictor):
+        with nnunet_compat.validation_predictor(MedFlowSegPredictor):
             super().perform_actual_validation(save_probabilities)

@@ -1,7 +1,7 @@
 """One-concern variants of :class:`MedFlowSegTrainer`: each changes exactly one thing via class attributes."""
 from __future__ import annotations
 
-from trainers.mfs_trainer import MedFlowSegTrainer
+from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer
 
 
 class MedFlowSegTrainer_1epoch(MedFlowSegTrainer):

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from medflowseg_nn.cli._common import cli_errors, pick_device, setup_logging
+from medflowseg_nn.cli.common import cli_errors, pick_device, setup_logging
 
 logger = logging.getLogger(__name__)
 DEMO_ID = 990
@@ -25,7 +25,7 @@ def run_demo(output_dir: str | Path, device: str | None = None, num_train: int =
     """Run the demo inside ``output_dir`` (its own nnUNet_raw / _preprocessed / _results) and return the
     evaluation summary."""
     from medflowseg_nn.cli.plan_and_preprocess import plan_and_preprocess
-    from medflowseg_nn.cli.predict import predict
+    from medflowseg_nn.inference.runner import PredictionSettings, predict_folder
     from medflowseg_nn.cli.train import run_training
     from medflowseg_nn.evaluation import evaluate_folder
     from medflowseg_nn.synthetic import make_synthetic_dataset
@@ -40,16 +40,17 @@ def run_demo(output_dir: str | Path, device: str | None = None, num_train: int =
     timings = {}
     t0 = time.time()
     raw = make_synthetic_dataset(out / "nnUNet_raw", DEMO_ID, "Synthetic", num_train, num_test, shape, seed=seed)
-    plan_and_preprocess([str(DEMO_ID)], [configuration], [2])
+    plan_and_preprocess(dataset_ids=[str(DEMO_ID)], configurations=[configuration], num_processes=[2])
     timings["plan_and_preprocess_s"] = time.time() - t0
     t0 = time.time()
     torch_device = pick_device(device)
-    run_training(str(DEMO_ID), configuration, 0, trainer, device=torch_device)
+    run_training(dataset=str(DEMO_ID), configuration=configuration, fold=0, trainer=trainer, device=torch_device)
     timings["train_s"] = time.time() - t0
     t0 = time.time()
     model = out / "nnUNet_results" / raw.name / f"{trainer}__MedFlowSegPlans__{configuration}"
     pred = out / "predictions"
-    predict(str(raw / "imagesTs"), str(pred), str(model), [0], device=torch_device, steps=steps)
+    predict_folder(input_folder=str(raw / "imagesTs"), output_folder=str(pred), model_folder=str(model),
+                   settings=PredictionSettings(folds=(0,), device=torch_device, steps=steps))
     timings["predict_s"] = time.time() - t0
     summary = evaluate_folder(str(raw / "labelsTs"), str(pred), labels=[1, 2],
                               output_file=str(out / "summary.json"))
@@ -74,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    summary = run_demo(args.output_dir, args.device, args.num_train, args.num_test, args.shape, args.tr,
-                       args.steps)
+    summary = run_demo(output_dir=args.output_dir, device=args.device, num_train=args.num_train,
+                       num_test=args.num_test, shape=args.shape, trainer=args.tr, steps=args.steps)
     print("\nMedFlowSeg-nn demo: Dice on held-out synthetic cases")
     print(f"{'class':<10}{'Dice':>8}{'HD95 mm':>10}")
     for label, name in (("1", "outer"), ("2", "core")):

@@ -5,17 +5,19 @@ import argparse
 import logging
 from typing import Optional, Sequence
 
-from medflowseg_nn.cli._common import UserError, cli_errors, dataset_name, require_env, setup_logging
+from medflowseg_nn.cli.common import UserError, cli_errors, dataset_name, require_env, setup_logging
 
 logger = logging.getLogger(__name__)
 DEFAULT_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
+DEFAULT_PLANNER = "MedFlowSegPlanner"
 
 
 def plan_and_preprocess(dataset_ids: Sequence[str], configurations: Sequence[str] = DEFAULT_CONFIGURATIONS,
                         num_processes: Optional[Sequence[int]] = None, gpu_memory_target: Optional[float] = None,
                         verify_dataset_integrity: bool = True, no_pp: bool = False, clean: bool = False,
                         overwrite_plans_name: Optional[str] = None,
-                        overwrite_target_spacing: Optional[Sequence[float]] = None) -> dict[str, dict]:
+                        overwrite_target_spacing: Optional[Sequence[float]] = None,
+                        planner: str = DEFAULT_PLANNER) -> dict[str, dict]:
     """Run the whole preparation for each dataset; returns ``{dataset_name: plans}``.
 
     The raw dataset is checked before anything is written to ``nnUNet_preprocessed``.
@@ -23,8 +25,9 @@ def plan_and_preprocess(dataset_ids: Sequence[str], configurations: Sequence[str
     from batchgenerators.utilities.file_and_folder_operations import join
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
                                                                        plan_experiment_dataset, preprocess_dataset)
-    from planners.mfs_planner import MedFlowSegPlanner
+    from medflowseg_nn.plugins import get_planner_class
 
+    planner_class = get_planner_class(planner)
     raw = require_env("nnUNet_raw")
     require_env("nnUNet_preprocessed")
     names = [dataset_name(d) for d in dataset_ids]
@@ -38,7 +41,7 @@ def plan_and_preprocess(dataset_ids: Sequence[str], configurations: Sequence[str
             logger.info("%s: dataset integrity verified", name)
         extract_fingerprint_dataset(dataset_id, num_processes=max(nproc), check_dataset_integrity=False,
                                     clean=clean, verbose=False)
-        plans, identifier = plan_experiment_dataset(dataset_id, MedFlowSegPlanner, gpu_memory_target,
+        plans, identifier = plan_experiment_dataset(dataset_id, planner_class, gpu_memory_target,
                                                     overwrite_target_spacing=overwrite_target_spacing,
                                                     overwrite_plans_name=overwrite_plans_name)
         for cfg, c in plans["configurations"].items():
@@ -57,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", nargs="+", default=list(DEFAULT_CONFIGURATIONS), help="configurations to preprocess")
     p.add_argument("-np", nargs="+", type=int, default=None,
                    help="processes per configuration (one number, or one per -c entry); default 2")
+    p.add_argument("-pl", default=DEFAULT_PLANNER, help=f"experiment planner (default {DEFAULT_PLANNER})")
     p.add_argument("--gpu_memory_target", type=float, default=None, help="GPU memory in GB to plan for (8)")
     p.add_argument("-overwrite_plans_name", default=None, help="plans identifier (default MedFlowSegPlans)")
     p.add_argument("-overwrite_target_spacing", nargs="+", type=float, default=None)
@@ -77,8 +81,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.np and len(args.np) not in (1, len(args.c)):
         raise UserError(f"-np takes 1 number or one per configuration ({len(args.c)}), got {len(args.np)}")
     nproc = args.np * len(args.c) if args.np and len(args.np) == 1 else args.np
-    plan_and_preprocess(args.d, args.c, nproc, args.gpu_memory_target, args.verify_dataset_integrity, args.no_pp,
-                        args.clean, args.overwrite_plans_name, args.overwrite_target_spacing)
+    plan_and_preprocess(dataset_ids=args.d, configurations=args.c, num_processes=nproc,
+                        gpu_memory_target=args.gpu_memory_target,
+                        verify_dataset_integrity=args.verify_dataset_integrity, no_pp=args.no_pp, clean=args.clean,
+                        overwrite_plans_name=args.overwrite_plans_name,
+                        overwrite_target_spacing=args.overwrite_target_spacing, planner=args.pl)
     return 0
 
 

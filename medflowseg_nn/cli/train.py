@@ -1,6 +1,6 @@
 """``mfs_train DATASET CONFIGURATION FOLD``: train a MedFlowSeg model with nnU-Net's training loop.
 
-Flags follow ``nnUNetv2_train``. Trainer classes are resolved by import (see :func:`trainers.get_trainer_class`),
+Flags follow ``nnUNetv2_train``. Trainer classes are resolved by import (see :func:`medflowseg_nn.plugins.get_trainer_class`),
 never through nnU-Net's name search, which fails with a CPU build of torch.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from medflowseg_nn.cli._common import UserError, cli_errors, dataset_name, pick_device, require_env, setup_logging
+from medflowseg_nn.cli.common import UserError, cli_errors, dataset_name, pick_device, require_env, setup_logging
 
 logger = logging.getLogger(__name__)
 DEFAULT_TRAINER = "MedFlowSegTrainer"
@@ -34,7 +34,7 @@ def build_trainer(dataset: str, configuration: str, fold: Union[int, str], train
                   device: torch.device = torch.device("cpu")):
     """Instantiate a trainer the way nnU-Net does, with clear errors for missing inputs."""
     from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
-    from trainers import get_trainer_class
+    from medflowseg_nn.plugins import get_trainer_class
 
     preprocessed = require_env("nnUNet_preprocessed")
     require_env("nnUNet_results")
@@ -53,7 +53,7 @@ def build_trainer(dataset: str, configuration: str, fold: Union[int, str], train
                          dataset_json=load_json(join(preprocessed, name, "dataset.json")), device=device)
 
 
-def _train_one(trainer, continue_training: bool, only_run_validation: bool, pretrained_weights: Optional[str],
+def train_one(trainer, continue_training: bool, only_run_validation: bool, pretrained_weights: Optional[str],
                npz: bool, disable_checkpointing: bool, val_with_best: bool, quiet: bool = False) -> None:
     from batchgenerators.utilities.file_and_folder_operations import isfile, join
     from nnunetv2.run.run_training import maybe_load_checkpoint
@@ -79,7 +79,7 @@ def _run_ddp(rank: int, world_size: int, kwargs: dict, run_kwargs: dict) -> None
     dist.init_process_group("nccl", rank=rank, world_size=world_size)
     torch.cuda.set_device(torch.device("cuda", dist.get_rank()))
     try:
-        _train_one(build_trainer(**kwargs), **run_kwargs)
+        train_one(build_trainer(**kwargs), **run_kwargs)
     finally:
         dist.destroy_process_group()
 
@@ -114,7 +114,7 @@ def run_training(dataset: str, configuration: str, fold: Union[int, str], traine
         mp.spawn(_run_ddp, args=(num_gpus, kwargs, run_kwargs), nprocs=num_gpus, join=True)
         return None
     trainer_obj = build_trainer(device=device, **kwargs)
-    _train_one(trainer_obj, **run_kwargs)
+    train_one(trainer_obj, **run_kwargs)
     return trainer_obj
 
 
@@ -144,10 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, args.quiet)
-    run_training(args.dataset_name_or_id, args.configuration, args.fold,
-                 resolve_trainer_name(args.tr, args.no_dbsa, args.no_faa), args.p, args.pretrained_weights,
-                 args.num_gpus, args.npz, args.c, args.val, args.disable_checkpointing, args.val_best,
-                 pick_device(args.device), args.quiet)
+    run_training(dataset=args.dataset_name_or_id, configuration=args.configuration, fold=args.fold,
+                 trainer=resolve_trainer_name(args.tr, no_dbsa=args.no_dbsa, no_faa=args.no_faa), plans=args.p,
+                 pretrained_weights=args.pretrained_weights, num_gpus=args.num_gpus, npz=args.npz,
+                 continue_training=args.c, only_run_validation=args.val,
+                 disable_checkpointing=args.disable_checkpointing, val_with_best=args.val_best,
+                 device=pick_device(args.device), quiet=args.quiet)
     return 0
 
 

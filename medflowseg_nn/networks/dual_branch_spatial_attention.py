@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medflowseg_nn.networks._layers import conv_ndim, num_groups
+from medflowseg_nn.networks.layers import conv_ndim, num_groups
 
 logger = logging.getLogger(__name__)
 

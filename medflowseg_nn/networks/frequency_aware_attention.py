@@ -37,7 +37,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from medflowseg_nn.networks._layers import conv_ndim, num_groups
+from medflowseg_nn.networks.layers import conv_ndim, num_groups
 
 logger = logging.getLogger(__name__)
 

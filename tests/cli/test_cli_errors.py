@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from medflowseg_nn.cli import plan_and_preprocess, predict, train
+from medflowseg_nn.inference.runner import list_cases
 from medflowseg_nn.synthetic import make_synthetic_dataset
 
 
@@ -62,7 +63,7 @@ def test_predict_needs_a_model(capsys):
 def test_input_folder_without_matching_files(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(Exception, match="no images in"):
-        predict.check_input_folder(str(tmp_path), ".nii.gz", 1)
+        list_cases(str(tmp_path), ".nii.gz")
 
 
 def test_ablation_flags_pick_variants():
@@ -70,3 +71,27 @@ def test_ablation_flags_pick_variants():
     assert train.resolve_trainer_name("MedFlowSegTrainer", True, True) == "MedFlowSegTrainer_noAttention"
     with pytest.raises(Exception, match="pick the variant"):
         train.resolve_trainer_name("MedFlowSegTrainer_5epochs", no_faa=True)
+
+
+def test_a_bug_shows_its_traceback_and_exits_1(tmp_path, monkeypatch, capsys):
+    """An internal error (here a KeyError injected into the predictor) is not disguised as a user error."""
+    from medflowseg_nn.inference import predictor
+
+    def broken(self, *args, **kwargs):
+        raise KeyError("injected bug")
+
+    monkeypatch.setattr(predictor.MedFlowSegPredictor, "initialize_from_trained_model_folder", broken)
+    (tmp_path / "model").mkdir()
+    code = predict.main(["-i", str(tmp_path), "-o", str(tmp_path / "o"), "-m", str(tmp_path / "model"),
+                         "-device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Traceback (most recent call last)" in err and "KeyError: 'injected bug'" in err
+    assert "error: internal error (KeyError" in err
+
+
+def test_a_bad_argument_still_gets_one_line(tmp_path, capsys):
+    msg = run(predict.main, ["-i", str(tmp_path), "-o", str(tmp_path / "o"), "-m", str(tmp_path),
+                             "--num_samples", "0"], capsys)
+    assert msg == "error: --steps and --num_samples must be >= 1"
+    assert "Traceback" not in capsys.readouterr().err

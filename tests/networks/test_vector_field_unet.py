@@ -96,6 +96,6 @@ def test_flow_and_networks_do_not_import_nnunetv2():
     code = ("import sys; sys.modules['nnunetv2'] = None\n"
             "import medflowseg_nn.flow.path, medflowseg_nn.flow.solver, medflowseg_nn.flow.loss\n"
             "import medflowseg_nn.flow.label_space, medflowseg_nn.networks.vector_field_unet\n"
-            "import medflowseg_nn.segmenter, medflowseg_nn.config\n"
+            "import medflowseg_nn.inference.sampler, medflowseg_nn.config\n"
             "assert not [m for m in sys.modules if m.startswith('nnunetv2.')]\n")
     subprocess.run([sys.executable, "-c", code], check=True)

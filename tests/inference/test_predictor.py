@@ -16,16 +16,20 @@ import SimpleITK as sitk
 import torch
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from medflowseg_nn.cli import plan_and_preprocess
-from medflowseg_nn.predictor import PARTIAL_DIR, CaseJob, ExportOptions, MedFlowSegPredictor, case_outputs
-from medflowseg_nn.segmenter import FlowSegmenter
+from medflowseg_nn import nnunet_compat
+from medflowseg_nn.inference.export import PARTIAL_DIR
+from medflowseg_nn.inference.predictor import MedFlowSegPredictor
+from medflowseg_nn.inference.runner import CaseJob, ExportOptions, case_outputs, predict_cases
+from medflowseg_nn.inference.sampler import FlowSegmenter
 from medflowseg_nn.synthetic import make_synthetic_dataset, synthetic_case
-from medflowseg_nn.uncertainty import SampleAccumulator, pairwise_disagreement, predictive_entropy
+from medflowseg_nn.inference.uncertainty import SampleAccumulator, pairwise_disagreement, predictive_entropy
 from tests.conftest import set_nnunet_env
-from trainers.mfs_trainer import MedFlowSegTrainer
+from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer
 
 PATCH = [12, 16, 12]
 GEOMETRY = dict(spacing=(0.9, 1.0, 1.2), origin=(10.0, -5.0, 3.0), direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1))
@@ -112,15 +116,15 @@ def test_disagreement_equals_per_seed_flows_with_mirroring(env, monkeypatch):
     original = SampleAccumulator.disagreement
     monkeypatch.setattr(SampleAccumulator, "disagreement",
                         lambda self: captured.setdefault("p", self.probabilities()) is not None and original(self))
-    predictor = make_predictor(env, num_samples=3, seed=5, compute_disagreement=True)
+    predictor = make_predictor(env, num_samples=3, seed=5)
     data = torch.randn(1, 10, 16, 12, generator=torch.Generator().manual_seed(0))
-    logits = predictor.predict_logits_from_preprocessed_data(data)
-    disagreement = predictor.last_disagreement
+    out = predictor.predict_case(data, with_disagreement=True)
+    logits, disagreement = out.logits, out.disagreement.numpy()
     assert disagreement.shape == (10, 16, 12) and 0 <= disagreement.min() and disagreement.max() <= 1
     assert disagreement.max() > 0
 
     x = pad_nd_image(data, PATCH)[None]  # [1, 1, 12, 16, 12], one voxel padded on both sides of axis 0
-    combos = predictor._mirror_combinations()
+    combos = nnunet_compat.mirror_combinations(predictor.allowed_mirroring_axes)
     assert len(combos) == 8
     reference = []
     with torch.no_grad():
@@ -132,19 +136,27 @@ def test_disagreement_equals_per_seed_flows_with_mirroring(env, monkeypatch):
     expected = pairwise_disagreement(reference.argmax(1), 3)[1:11].numpy()
     assert np.mean(disagreement != expected) < 0.01  # near-ties may flip between batched and single runs
 
-    predictor.compute_disagreement = False  # the hooks never change nnU-Net's logits
+    # stitching the samples never changes the logits
     assert torch.equal(predictor.predict_logits_from_preprocessed_data(data), logits)
 
 
 def test_multi_patch_disagreement_and_single_sample(env):
     data = torch.randn(1, 16, 20, 16, generator=torch.Generator().manual_seed(1))  # 2 x 2 x 2 patches
-    predictor = make_predictor(env, num_samples=2, use_mirroring=False, compute_disagreement=True)
-    predictor.predict_logits_from_preprocessed_data(data)
-    assert predictor.last_disagreement.shape == (16, 20, 16)
-    assert set(np.unique(predictor.last_disagreement)) <= {0.0, 1.0} and predictor.last_disagreement.max() == 1
-    single = make_predictor(env, num_samples=1, use_mirroring=False, compute_disagreement=True)
-    single.predict_logits_from_preprocessed_data(data)
-    assert not single.last_disagreement.any()
+    disagreement = make_predictor(env, num_samples=2, use_mirroring=False).predict_case(data, True).disagreement
+    assert disagreement.shape == (16, 20, 16)
+    assert set(np.unique(disagreement.numpy())) <= {0.0, 1.0} and disagreement.max() == 1
+    single = make_predictor(env, num_samples=1, use_mirroring=False).predict_case(data, True).disagreement
+    assert not single.any()
+
+
+@pytest.mark.parametrize("mirroring,num_samples", [(True, 1), (False, 2)])
+def test_logits_are_bit_identical_to_nnunets_sliding_window(env, mirroring, num_samples):
+    """Our stitching loop reproduces nnU-Net's (padding, slicers, mirror order, Gaussian, float16 sums) exactly."""
+    predictor = make_predictor(env, num_samples=num_samples, use_mirroring=mirroring)
+    data = torch.randn(1, 15, 21, 13, generator=torch.Generator().manual_seed(2))  # padded, several patches
+    ours = predictor.predict_sliding_window_return_logits(data)
+    theirs = nnUNetPredictor.predict_sliding_window_return_logits(predictor, data)  # nnU-Net's own loop
+    assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
 
 
 def assert_same_geometry(path: Path, reference: Path) -> None:
@@ -159,7 +171,7 @@ def test_predict_cases_writes_probabilities_uncertainty_and_overlays(env, tmp_pa
     options = ExportOptions(True, str(tmp_path / "unc"), str(tmp_path / "png"))
     jobs = jobs_for(env, tmp_path / "out", ("case0", "case2"))
     os.makedirs(tmp_path / "out")
-    assert predictor.predict_cases(jobs, options, 0, 0) == {}
+    assert predict_cases(predictor, jobs, options, 0, 0) == {}
     for job in jobs:
         paths = case_outputs(job, ".nii.gz", options)
         assert all(os.path.isfile(p) for p in paths.values())
@@ -191,7 +203,7 @@ def test_failed_export_leaves_no_output_of_that_case(env, tmp_path, monkeypatch)
     monkeypatch.setattr(SimpleITKIO, "write_seg", failing)
     options = ExportOptions(True, str(tmp_path / "unc"), None)
     jobs = jobs_for(env, tmp_path / "out", ("case0", "case1"))
-    failures = make_predictor(env, num_samples=2, use_mirroring=False).predict_cases(jobs, options, 0, 0)
+    failures = predict_cases(make_predictor(env, num_samples=2, use_mirroring=False), jobs, options, 0, 0)
     assert list(failures) == ["case1"] and failures["case1"].startswith("case1_0000.nii.gz: export failed")
     assert "disk full" in failures["case1"]
     written = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
@@ -209,11 +221,11 @@ def test_background_pools_match_in_process_and_isolate_a_corrupt_case(env, tmp_p
     jobs.insert(1, CaseJob("bad", (str(bad),), str(tmp_path / "pool" / "bad")))
     os.makedirs(tmp_path / "pool")
     predictor = make_predictor(env, num_samples=2, use_mirroring=False, seed=3)
-    failures = predictor.predict_cases(jobs, ExportOptions(), 1, 1)
+    failures = predict_cases(predictor, jobs, ExportOptions(), 1, 1)
     assert list(failures) == ["bad"] and failures["bad"].startswith("bad_0000.nii.gz: preprocessing failed")
     reference = jobs_for(env, tmp_path / "ref", ("case0", "case2"))
     os.makedirs(tmp_path / "ref")
-    assert predictor.predict_cases(reference, ExportOptions(), 0, 0) == {}
+    assert predict_cases(predictor, reference, ExportOptions(), 0, 0) == {}
     for job, ref in zip([jobs[0], jobs[2]], reference):
         a = sitk.GetArrayFromImage(sitk.ReadImage(job.output_truncated + ".nii.gz"))
         assert np.array_equal(a, sitk.GetArrayFromImage(sitk.ReadImage(ref.output_truncated + ".nii.gz")))

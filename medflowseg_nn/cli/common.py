@@ -1,4 +1,9 @@
-"""Shared CLI plumbing: logging, device choice, and turning user errors into one-line messages."""
+"""Shared CLI plumbing: logging, device choice, and the error policy of every ``mfs_*`` command.
+
+Error policy (:func:`cli_errors`): a :class:`~medflowseg_nn.errors.UserError` — raised where input is checked —
+prints ``error: <advice>`` and exits 2; any other exception is a bug: its traceback is printed, then a one-line
+summary, and the exit code is 1.
+"""
 from __future__ import annotations
 
 import functools
@@ -6,17 +11,14 @@ import logging
 import multiprocessing
 import os
 import sys
+import traceback
 from typing import Callable, Optional
 
 import torch
 
-from medflowseg_nn.errors import UserError
+from medflowseg_nn.errors import UserError, one_line
 
 logger = logging.getLogger("medflowseg_nn")
-
-#: exceptions that mean "the user's input is wrong": reported as one line, exit code 2
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, KeyError, EnvironmentError)
-
 
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
@@ -34,33 +36,40 @@ def require_env(name: str) -> str:
 
 
 def pick_device(name: Optional[str]) -> torch.device:
-    """``cuda`` / ``cpu`` / ``mps``; ``None`` = cuda when available. Sets CPU threads like nnU-Net does."""
+    """``cuda`` / ``cpu`` / ``mps``; ``None`` = cuda when available.
+
+    Like nnU-Net's entry points, this sets torch's thread count: all CPU cores for ``cpu``, 1 otherwise (the
+    GPU does the work); logged at INFO."""
     if name is None:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name not in ("cuda", "cpu", "mps"):
         raise UserError(f"-device must be cuda, cpu or mps, got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("-device cuda was requested but torch sees no CUDA device — use -device cpu")
-    if name == "cpu":
-        torch.set_num_threads(multiprocessing.cpu_count())
-    else:
-        torch.set_num_threads(1)
+    threads = multiprocessing.cpu_count() if name == "cpu" else 1
+    torch.set_num_threads(threads)
+    logger.info("device %s, %d torch thread(s)", name, threads)
     return torch.device(name)
 
 
 def cli_errors(func: Callable[..., int]) -> Callable[..., int]:
-    """Wrap a CLI ``main``: user errors become ``error: <message>`` on stderr and exit code 2."""
+    """Wrap a CLI ``main`` with the error policy: :class:`UserError` → ``error: <message>`` on stderr, exit 2
+    (``MFS_DEBUG=1`` re-raises it); any other exception → its traceback, ``error: internal error ...``, exit 1."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs) -> int:
         try:
             return func(*args, **kwargs)
-        except (UserError, *USER_ERRORS) as e:
+        except UserError as e:
             if os.environ.get("MFS_DEBUG"):
                 raise
-            msg = str(e).strip().strip("'\"") or type(e).__name__
-            print(f"error: {msg}", file=sys.stderr)
+            print(f"error: {str(e).strip() or type(e).__name__}", file=sys.stderr)
             return 2
+        except Exception as e:  # noqa: BLE001 - a bug: show everything
+            traceback.print_exc(file=sys.stderr)
+            print(f"error: internal error ({one_line(e)}); the traceback above says where — please report it",
+                  file=sys.stderr)
+            return 1
     return wrapper
 
 

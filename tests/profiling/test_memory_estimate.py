@@ -13,7 +13,7 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
-from medflowseg_nn.networks.memory import count_saved_tensors, measure_saved_for_backward
+from medflowseg_nn.profiling.memory import count_saved_tensors, measure_saved_for_backward
 from medflowseg_nn.networks.vector_field_unet import VectorFieldUNet
 from tests.networks.test_vector_field_unet import tiny_kwargs
 

@@ -1,4 +1,6 @@
-"""Image → label log-probabilities by integrating the learned flow (no nnU-Net imports).
+"""The per-patch sampler: image → K sampled label probability maps by integrating the learned flow.
+
+No nnU-Net imports (the sliding window and export around it live in the sibling modules).
 
 :class:`FlowSegmenter` wraps a vector field so that it behaves like a segmentation network ``image → logits``:
 nnU-Net's sliding window, mirroring and export then work unchanged. Its ``state_dict`` is the wrapped field's,
@@ -7,13 +9,14 @@ so checkpoints of the field load into it directly (nnU-Net's predictor reloads w
 K samples (``num_samples``): sample ``k`` starts from the seeded prior ``x0_k = N(0, I)`` drawn with seed
 ``seed + k``. All K flows of a patch go through the network as **one batch** of ``K · B`` patches, so K samples
 cost one (K times larger) network evaluation per solver step, not K separate calls. The returned
-log-probabilities are those of the sample average ``log(mean_k p_k)``. With ``record_samples = True`` every call
-also appends the per-sample probabilities ``[K, B, C, *S]`` to :attr:`FlowSegmenter.recorded`, which the
-predictor turns into the sample-disagreement map (see :mod:`medflowseg_nn.uncertainty`).
+log-probabilities are those of the sample average ``log(mean_k p_k)``. :meth:`FlowSegmenter.sample` returns the
+per-sample log-probabilities ``[K, B, C, *S]`` as well, which the sliding window stitches into the
+sample-disagreement map (:mod:`medflowseg_nn.inference.sliding_window`).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -22,6 +25,22 @@ from torch import Tensor, nn
 from medflowseg_nn.flow.label_space import target_to_log_probabilities
 from medflowseg_nn.flow.loss import interpret_output
 from medflowseg_nn.flow.solver import SolverConfig, integrate, sample_prior
+
+
+@dataclass(frozen=True)
+class SampledPatch:
+    """What one sampler call returns. ``mean_log_probabilities [B, C, *S]``: log of the K samples' mean
+    probabilities; ``sample_log_probabilities [K, B, C, *S]``: each sample's log-probabilities (float32)."""
+
+    mean_log_probabilities: Tensor
+    sample_log_probabilities: Tensor
+
+
+def average_log_probabilities(log_p: Tensor) -> Tensor:
+    """``[K, B, C, *S]`` per-sample log-probabilities → ``[B, C, *S]`` log of their mean probability."""
+    if log_p.shape[0] == 1:
+        return log_p[0]
+    return torch.logsumexp(log_p, 0) - math.log(log_p.shape[0])
 
 
 class FlowSegmenter(nn.Module):
@@ -46,9 +65,6 @@ class FlowSegmenter(nn.Module):
         self.num_samples = num_samples
         self.logit_scale = logit_scale
         self._prior_cache: dict[tuple, Tensor] = {}
-        #: when True, each forward appends its per-sample probabilities ``[num_samples, B, C, *S]`` to `recorded`
-        self.record_samples = False
-        self.recorded: list[Tensor] = []
 
     def prior(self, batch: int, spatial: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
         """``[num_samples * batch, C, *S]`` seeded prior (sample-major: rows ``k*batch .. (k+1)*batch-1`` hold
@@ -83,13 +99,14 @@ class FlowSegmenter(nn.Module):
             log_p = target_to_log_probabilities(x1)
         return log_p.reshape(self.num_samples, batch, *log_p.shape[1:])
 
-    def forward(self, image: Tensor) -> Tensor:
+    def sample(self, image: Tensor) -> SampledPatch:
+        """``image [B, C_img, *S]`` → :class:`SampledPatch` (sample mean and the K samples, one network batch)."""
         log_p = self.sample_log_probabilities(image)
-        if self.record_samples:
-            self.recorded.append(log_p.exp())
-        if self.num_samples == 1:
-            return log_p[0]
-        return torch.logsumexp(log_p, 0) - math.log(self.num_samples)  # log of the mean probability
+        return SampledPatch(mean_log_probabilities=average_log_probabilities(log_p), sample_log_probabilities=log_p)
+
+    def forward(self, image: Tensor) -> Tensor:
+        """``image [B, C_img, *S]`` → ``[B, C, *S]`` log of the sample-mean probabilities."""
+        return average_log_probabilities(self.sample_log_probabilities(image))
 
     # checkpoints hold the field's weights: delegate so nnU-Net's per-fold reload works on the wrapper
     def state_dict(self, *args: Any, **kwargs: Any) -> dict:  # type: ignore[override]

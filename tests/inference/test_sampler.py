@@ -7,8 +7,8 @@ from torch import nn
 
 from medflowseg_nn.flow.solver import SolverConfig, sample_prior
 from medflowseg_nn.networks.vector_field_unet import VectorFieldUNet
-from medflowseg_nn.segmenter import FlowSegmenter
-from medflowseg_nn.uncertainty import pairwise_disagreement, predictive_entropy
+from medflowseg_nn.inference.sampler import FlowSegmenter
+from medflowseg_nn.inference.uncertainty import pairwise_disagreement, predictive_entropy
 
 SPATIAL = (8, 12, 8)
 
@@ -74,10 +74,10 @@ def test_same_seed_identical_different_seed_differs(field, image):
 def test_k_samples_are_one_batched_call_and_average_probabilities(field, image):
     counting = CountingField(field)
     seg = FlowSegmenter(counting, 3, "x1", seed=0, num_samples=4)
-    seg.record_samples = True
-    log_p = seg(image)
+    out = seg.sample(image)
+    log_p = out.mean_log_probabilities
     assert counting.batches == [4 * 2]  # one network call with all K samples of both images
-    samples = seg.recorded[0]
+    samples = out.sample_log_probabilities.exp()
     assert samples.shape == (4, 2, 3, *SPATIAL)
     assert torch.allclose(samples.sum(2), torch.ones(()), atol=1e-5)
     assert log_p.shape == (2, 3, *SPATIAL)

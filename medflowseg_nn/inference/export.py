@@ -1,0 +1,136 @@
+"""Export of one predicted case: a pure function from logits (+ disagreement) to the arrays to write, and the
+atomic writer.
+
+:func:`case_arrays` turns what the sliding window returns (preprocessed geometry) into the input image's
+geometry with nnU-Net's ``convert_predicted_logits_to_segmentation_with_correct_shape`` (segmentation and
+probabilities) and :func:`revert_to_original_geometry` (entropy and disagreement maps, the same three steps);
+benchmarks reuse it. :func:`write_case` writes a case's files atomically: each goes to ``<folder>/.mfs_partial/``
+and is moved into place only when all are written, the segmentation last.
+
+May be imported by the rest of ``medflowseg_nn.inference``, the CLIs and the benchmarks.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional, Union
+
+import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import save_pickle
+from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+from torch import Tensor
+
+from medflowseg_nn.inference.uncertainty import predictive_entropy
+
+ArrayLike = Union[np.ndarray, Tensor]
+PARTIAL_DIR = ".mfs_partial"  #: outputs are written here first, then moved into place
+
+
+@dataclass(frozen=True)
+class CaseArrays:
+    """A case's outputs in the input image's array layout (what nnU-Net's reader returned).
+
+    ``segmentation [*S_orig]``; ``probabilities [C, *S_orig]`` (sum 1 over C), ``entropy [*S_orig]`` (nats) and
+    ``disagreement [*S_orig]`` (0 … 1) float32, each ``None`` when not requested."""
+
+    segmentation: np.ndarray
+    probabilities: Optional[np.ndarray] = None
+    entropy: Optional[np.ndarray] = None
+    disagreement: Optional[np.ndarray] = None
+
+
+def case_arrays(logits: ArrayLike, properties: dict, plans_manager, configuration_manager, label_manager,
+                disagreement: Optional[ArrayLike] = None, with_probabilities: bool = False,
+                with_entropy: bool = False) -> CaseArrays:
+    """``logits [C, *S]`` (and ``disagreement [*S]``) in nnU-Net's preprocessed geometry → :class:`CaseArrays`."""
+    logits = logits.cpu().numpy() if isinstance(logits, Tensor) else logits
+    need_probs = with_probabilities or with_entropy
+    ret = convert_predicted_logits_to_segmentation_with_correct_shape(
+        logits, plans_manager, configuration_manager, label_manager, properties, return_probabilities=need_probs)
+    seg, probs = ret if need_probs else (ret, None)
+    dis = None if disagreement is None else revert_to_original_geometry(disagreement, properties, plans_manager,
+                                                                        configuration_manager, (0, 1))
+    return CaseArrays(seg, probs if with_probabilities else None,
+                      predictive_entropy(probs) if with_entropy else None, dis)
+
+
+def write_case(arrays: CaseArrays, paths: Mapping[str, str], properties: dict, write_seg,
+               overlay=None) -> None:
+    """Write the files named in ``paths`` (kinds ``entropy``, ``disagreement``, ``png``, ``npz``, ``pkl``,
+    ``seg``; dict order, the segmentation last) atomically. ``write_seg(seg, path, properties)`` is the dataset's
+    image writer; ``overlay(path, arrays)`` draws the PNG."""
+    tmp = {kind: os.path.join(os.path.dirname(p), PARTIAL_DIR, os.path.basename(p)) for kind, p in paths.items()}
+    try:
+        for t in tmp.values():
+            os.makedirs(os.path.dirname(t), exist_ok=True)
+        if "entropy" in paths:
+            write_map(arrays.entropy, tmp["entropy"], properties)
+        if "disagreement" in paths:
+            write_map(arrays.disagreement, tmp["disagreement"], properties)
+        if "png" in paths:
+            overlay(tmp["png"], arrays)
+        if "npz" in paths:
+            np.savez_compressed(tmp["npz"], probabilities=arrays.probabilities)
+            save_pickle(properties, tmp["pkl"])
+        write_seg(arrays.segmentation, tmp["seg"], properties)
+        for kind, p in paths.items():
+            os.replace(tmp[kind], p)
+    finally:
+        for t in tmp.values():
+            if os.path.exists(t):
+                os.remove(t)
+
+
+def revert_to_original_geometry(volume: ArrayLike, properties: dict, plans_manager,
+                                configuration_manager, clip: tuple[float, float] = (0.0, np.inf)) -> np.ndarray:
+    """A map ``[*S]`` in nnU-Net's preprocessed geometry → ``[*S_orig]`` in the input image's array layout.
+
+    The same three steps nnU-Net's ``convert_predicted_logits_to_segmentation_with_correct_shape`` applies to
+    probabilities: resample to the cropped original spacing (``resampling_fn_probabilities``), insert into the
+    bounding box used for cropping (0 outside), revert the transpose. Values are clipped to ``clip`` (cubic
+    resampling overshoots)."""
+    from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+
+    volume = volume.cpu().numpy() if isinstance(volume, Tensor) else np.asarray(volume)
+    spacing_transposed = [properties["spacing"][i] for i in plans_manager.transpose_forward]
+    target_shape = properties["shape_after_cropping_and_before_resampling"]
+    current_spacing = configuration_manager.spacing if len(configuration_manager.spacing) == len(target_shape) \
+        else [spacing_transposed[0], *configuration_manager.spacing]
+    resampled = configuration_manager.resampling_fn_probabilities(volume[None].astype(np.float32), target_shape,
+                                                                  current_spacing, spacing_transposed)
+    resampled = resampled.cpu().numpy() if isinstance(resampled, Tensor) else np.asarray(resampled)
+    resampled = np.clip(resampled[0].astype(np.float32), *clip)
+    full = np.zeros(properties["shape_before_cropping"], dtype=np.float32)
+    full = insert_crop_into_image(full, resampled, properties["bbox_used_for_cropping"])
+    return np.ascontiguousarray(np.asarray(full).transpose(plans_manager.transpose_backward))
+
+
+def write_map(volume: np.ndarray, path: str, properties: dict) -> None:
+    """Write a float map ``[*S_orig]`` (the layout nnU-Net's reader returned, as the exported segmentation has)
+    as NIfTI with the input's geometry, taken from the reader's entry in ``properties`` like ``write_seg``
+    does (SimpleITK ``sitk_stuff`` or nibabel ``nibabel_stuff``; otherwise only the spacing is known)."""
+    volume = np.asarray(volume, dtype=np.float32)
+    if "nibabel_stuff" in properties:
+        import nibabel
+        from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+        stuff = properties["nibabel_stuff"]
+        image = nibabel.Nifti1Image(volume.transpose((2, 1, 0)), affine=stuff.get("reoriented_affine",
+                                                                                   stuff["original_affine"]))
+        if "reoriented_affine" in stuff:  # NibabelIOWithReorient: back from RAS to the original orientation
+            image = image.as_reoriented(ornt_transform(axcodes2ornt("RAS"), io_orientation(stuff["original_affine"])))
+        nibabel.save(image, path)
+        return
+    import SimpleITK as sitk
+
+    geometry = properties.get("sitk_stuff")
+    if geometry is not None and len(geometry["spacing"]) == 2 or geometry is None and volume.shape[0] == 1:
+        volume = volume[0]  # 2D images are [1, y, x] in nnU-Net
+    image = sitk.GetImageFromArray(volume)
+    if geometry is not None:
+        image.SetSpacing(geometry["spacing"])
+        image.SetOrigin(geometry["origin"])
+        image.SetDirection(geometry["direction"])
+    else:
+        image.SetSpacing([float(s) for s in properties["spacing"][-volume.ndim:]][::-1])
+    sitk.WriteImage(image, path, useCompression=True)

@@ -1,0 +1,169 @@
+"""MedFlowSegPredictor: nnU-Net's predictor with the flow sampler per patch.
+
+nnU-Net's preprocessing, sliding-window slicers, Gaussian weighting, mirroring TTA, fold ensembling, resampling
+and export are used as they are; the network it evaluates per patch is a :class:`FlowSegmenter` (seeded prior →
+label log-probabilities; K samples are one batched network evaluation). Only public ``nnUNetPredictor`` methods
+are overridden: ``manual_initialization``, ``initialize_from_trained_model_folder`` (no trainer-name search, which
+needs torchvision), ``predict_logits_from_preprocessed_data`` and ``predict_sliding_window_return_logits`` (both
+through :meth:`MedFlowSegPredictor.predict_case`, which also returns the K-sample disagreement as a value).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence, Union
+
+import torch
+from acvl_utils.cropping_and_padding.padding import pad_nd_image
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
+from nnunetv2.configuration import default_num_processes
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.helpers import dummy_context, empty_cache
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import Tensor, nn
+
+from medflowseg_nn import nnunet_compat
+from medflowseg_nn.config import FlowMatchingConfig
+from medflowseg_nn.errors import UserError
+from medflowseg_nn.inference.sampler import FlowSegmenter
+from medflowseg_nn.inference.sliding_window import CasePrediction, stitch_patches
+from medflowseg_nn.model import build_vector_field
+
+logger = logging.getLogger(__name__)
+
+
+class MedFlowSegPredictor(nnUNetPredictor):
+    """Arguments as :class:`nnUNetPredictor`, plus the sampling options (``None`` = the plans' default):
+    ``steps`` and ``solver`` of the ODE, prior ``seed`` (sample k uses seed + k), ``num_samples`` K."""
+
+    def __init__(self, tile_step_size: float = 0.5, use_gaussian: bool = True, use_mirroring: bool = True,
+                 perform_everything_on_device: bool = True, device: torch.device = torch.device("cuda"),
+                 verbose: bool = False, verbose_preprocessing: bool = False, allow_tqdm: bool = True,
+                 steps: Optional[int] = None, solver: Optional[str] = None, seed: Optional[int] = None,
+                 num_samples: int = 1):
+        super().__init__(tile_step_size, use_gaussian, use_mirroring, perform_everything_on_device, device,
+                         verbose, verbose_preprocessing, allow_tqdm)
+        if num_samples < 1:
+            raise UserError(f"--num_samples must be >= 1, got {num_samples}")
+        self.steps, self.solver, self.seed, self.num_samples = steps, solver, seed, num_samples
+
+    @property
+    def segmenter(self) -> FlowSegmenter:
+        """The per-patch sampler (unwrapping torch.compile)."""
+        return getattr(self.network, "_orig_mod", self.network)
+
+    def make_segmenter(self, field: nn.Module, plans_manager: PlansManager, dataset_json: dict) -> FlowSegmenter:
+        """Wrap a vector field in the sampler configured by the plans' flow block and this predictor's options."""
+        config = FlowMatchingConfig.from_plans(plans_manager.plans)
+        num_classes = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+        return FlowSegmenter(field, num_classes, config.parameterization,
+                             solver=config.solver_config(self.steps, self.solver),
+                             seed=config.prior_seed if self.seed is None else self.seed,
+                             num_samples=self.num_samples, logit_scale=config.logit_scale)
+
+    def manual_initialization(self, network: nn.Module, plans_manager: PlansManager,
+                              configuration_manager: ConfigurationManager, parameters: Optional[list],
+                              dataset_json: dict, trainer_name: str,
+                              inference_allowed_mirroring_axes: Optional[Sequence[int]]) -> None:
+        if not isinstance(network, FlowSegmenter):
+            network = self.make_segmenter(network, plans_manager, dataset_json)
+        super().manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
+                                      trainer_name, inference_allowed_mirroring_axes)
+
+    # --- one case ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _predict_one_model(self, image: Tensor, with_samples: bool) -> CasePrediction:
+        """``image [C_img, *S]`` with the weights currently loaded → logits ``[C, *S]`` (+ disagreement)."""
+        self.network = self.network.to(self.device)
+        self.network.eval()
+        empty_cache(self.device)
+        patch_size = self.configuration_manager.patch_size
+        with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            data, revert = pad_nd_image(image, patch_size, "constant", {"value": 0}, True, None)
+            results_device = self.device if self.perform_everything_on_device else torch.device("cpu")
+            kwargs = dict(slicers=nnunet_compat.sliding_window_slicers(self, data.shape[1:]),
+                          num_classes=self.label_manager.num_segmentation_heads,
+                          combinations=nnunet_compat.mirror_combinations(
+                              self.allowed_mirroring_axes if self.use_mirroring else None),
+                          gaussian=nnunet_compat.gaussian_importance_map(patch_size, results_device)
+                          if self.use_gaussian else None,
+                          device=self.device, with_samples=with_samples, progress=self.allow_tqdm)
+            try:
+                out = stitch_patches(self.segmenter, data, results_device=results_device, **kwargs)
+            except RuntimeError:
+                if results_device.type == "cpu":
+                    raise
+                logger.warning("prediction on %s failed (out of memory?); keeping the results on the CPU",
+                               self.device)
+                empty_cache(self.device)
+                kwargs["gaussian"] = kwargs["gaussian"].cpu() if kwargs["gaussian"] is not None else None
+                out = stitch_patches(self.segmenter, data, results_device=torch.device("cpu"), **kwargs)
+        spatial = tuple(revert[1:])
+        disagreement = None if out.disagreement is None else out.disagreement[spatial].cpu()
+        return CasePrediction(out.logits[(slice(None), *spatial)], disagreement)
+
+    def predict_case(self, data: Tensor, with_disagreement: bool = False) -> CasePrediction:
+        """``data [C_img, *S]`` (preprocessed) → :class:`CasePrediction` on the CPU: logits averaged over the
+        folds' weights (nnU-Net's fold ensemble) and, if requested, the fold-mean K-sample disagreement."""
+        n_threads = torch.get_num_threads()
+        torch.set_num_threads(min(default_num_processes, n_threads))
+        try:
+            logits, maps = None, []
+            for params in self.list_of_parameters:
+                self.segmenter.load_state_dict(params)
+                one = self._predict_one_model(data, with_disagreement)
+                logits = one.logits.to("cpu") if logits is None else logits + one.logits.to("cpu")
+                if one.disagreement is not None:
+                    maps.append(one.disagreement)
+            if len(self.list_of_parameters) > 1:
+                logits /= len(self.list_of_parameters)
+        finally:
+            torch.set_num_threads(n_threads)
+        return CasePrediction(logits, torch.stack(maps).mean(0) if maps else None)
+
+    def predict_logits_from_preprocessed_data(self, data: Tensor) -> Tensor:
+        """nnU-Net's entry point for one preprocessed case: ``[C_img, *S]`` → logits ``[C, *S]``."""
+        return self.predict_case(data).logits
+
+    def predict_sliding_window_return_logits(self, input_image: Tensor) -> Tensor:
+        """nnU-Net's entry point with the loaded weights (its final validation calls it): logits ``[C, *S]``."""
+        return self._predict_one_model(input_image, with_samples=False).logits
+
+    # --- loading ----------------------------------------------------------------------------------------------
+    def initialize_from_trained_model_folder(self, model_training_output_dir: str,
+                                             use_folds: Union[Sequence[Union[int, str]], str, None],
+                                             checkpoint_name: str = "checkpoint_final.pth") -> None:
+        """Load a trained MedFlowSeg model. The network is built from the folder's ``plans.json`` (its resolved
+        ``flow_matching`` block says what was trained), never through a trainer-name search."""
+        for required in ("dataset.json", "plans.json"):
+            if not isfile(join(model_training_output_dir, required)):
+                raise UserError(f"{join(model_training_output_dir, required)} not found — is "
+                                f"{model_training_output_dir} a trained model folder?")
+        if use_folds is None:
+            use_folds = self.auto_detect_available_folds(model_training_output_dir, checkpoint_name)
+            if not use_folds:
+                raise UserError(f"no fold_*/{checkpoint_name} in {model_training_output_dir} — train a fold first "
+                                f"(mfs_train) or pass -chk")
+        if isinstance(use_folds, (str, int)):
+            use_folds = [use_folds]
+        dataset_json = load_json(join(model_training_output_dir, "dataset.json"))
+        plans_manager = PlansManager(load_json(join(model_training_output_dir, "plans.json")))
+        parameters, checkpoint = [], None
+        for f in use_folds:
+            f = f if f == "all" else int(f)
+            path = join(model_training_output_dir, f"fold_{f}", checkpoint_name)
+            if not isfile(path):
+                raise UserError(f"checkpoint {path} not found — train fold {f} first or pick another -f / -chk")
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            checkpoint = checkpoint or ckpt
+            parameters.append(ckpt["network_weights"])
+        configuration_manager = plans_manager.get_configuration(checkpoint["init_args"]["configuration"])
+        network = build_vector_field(
+            configuration_manager, determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
+            plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
+            FlowMatchingConfig.from_plans(plans_manager.plans))
+        network.load_state_dict(parameters[0])
+        self.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
+                                   checkpoint["trainer_name"], checkpoint.get("inference_allowed_mirroring_axes"))
+        logger.info("loaded %s (%s, folds %s) with %s", model_training_output_dir, checkpoint["trainer_name"],
+                    list(use_folds), self.segmenter.solver)

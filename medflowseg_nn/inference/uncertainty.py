@@ -1,0 +1,94 @@
+"""Per-voxel uncertainty maths of K-sample flow segmentation (pure torch/numpy; no nnU-Net imports).
+
+Two maps are written per case by ``mfs_predict --save_uncertainty`` (file ``CASE_<name>.nii.gz``, float32,
+same size/spacing/origin/direction as the input image):
+
+* ``entropy`` — **predictive entropy** ``H = -Σ_c p̄_c log p̄_c`` (natural log, nats; 0 … log C) of the
+  *averaged* class probabilities ``p̄`` that are exported (the same probabilities as ``--save_probabilities``'
+  .npz, i.e. averaged over the K samples, the sliding-window patches, mirroring and folds). High where the
+  model is unsure between classes, whatever the reason.
+* ``disagreement`` — **mean pairwise disagreement** of the K samples' label maps: the fraction of the
+  ``K(K-1)/2`` sample pairs whose argmax labels differ at the voxel (0 … 1; always 0 for K = 1). Sample ``k`` is
+  the full-image segmentation grown from prior seed ``seed + k``: its per-patch probabilities are stitched over
+  the sliding window with nnU-Net's Gaussian weights (and averaged over mirroring), then argmaxed. With several
+  folds the per-fold maps are averaged. It measures how much the *generated* segmentation depends on the
+  noise; it needs K ≥ 2.
+
+With ``n_c`` of the K samples voting for class ``c`` the disagreement is ``1 - Σ_c n_c (n_c - 1) / (K (K - 1))``.
+Both maps are computed in nnU-Net's preprocessed geometry (:mod:`medflowseg_nn.inference.sliding_window`) and
+reverted to the input geometry by :mod:`medflowseg_nn.inference.export` (outside the crop box both are 0).
+Memory of the disagreement map: K · C · voxels floats while a case is predicted.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+ArrayLike = Union[np.ndarray, Tensor]
+
+
+def predictive_entropy(probabilities: ArrayLike, eps: float = 1e-12) -> np.ndarray:
+    """``probabilities [C, *S]`` (summing to 1 over C) → entropy ``[*S]`` float32 in nats."""
+    p = torch.as_tensor(np.asarray(probabilities) if not isinstance(probabilities, Tensor) else probabilities)
+    p = p.float().clamp_min(0)
+    h = -(p * torch.log(p.clamp_min(eps))).sum(0)
+    return h.clamp_min(0).cpu().numpy().astype(np.float32)
+
+
+def pairwise_disagreement(labels: Tensor, num_classes: int) -> Tensor:
+    """``labels [K, *S]`` (integer label maps of K samples) → fraction of sample pairs that disagree ``[*S]``.
+
+    Returns zeros for K = 1."""
+    k = labels.shape[0]
+    if k < 2:
+        return torch.zeros(labels.shape[1:], dtype=torch.float32, device=labels.device)
+    agree = torch.zeros(labels.shape[1:], dtype=torch.float32, device=labels.device)
+    for c in range(num_classes):
+        n_c = (labels == c).sum(0).float()
+        agree += n_c * (n_c - 1)
+    return 1 - agree / (k * (k - 1))
+
+
+class SampleAccumulator:
+    """Stitches the K samples' patch probabilities over nnU-Net's sliding window, like nnU-Net stitches logits.
+
+    Args:
+        num_samples: K. num_classes: C. shape: spatial shape ``S`` of the (padded) preprocessed image.
+        slicers: nnU-Net's sliding-window slicers, in the order the patches are predicted.
+        gaussian: the Gaussian importance map ``[*P]`` nnU-Net uses (``None`` = uniform weights).
+    Patches must be added in slicer order with :meth:`add` (one call per patch).
+    """
+
+    def __init__(self, num_samples: int, num_classes: int, shape: Sequence[int], slicers: Sequence[tuple],
+                 gaussian: Optional[Tensor], device: torch.device):
+        dtype = torch.half if device.type == "cuda" else torch.float32
+        self.num_classes = num_classes
+        self.slicers = list(slicers)
+        self.gaussian = gaussian
+        self.index = 0
+        self.sum = torch.zeros((num_samples, num_classes, *shape), dtype=dtype, device=device)  # [K, C, *S]
+        self.weight = torch.zeros(tuple(shape), dtype=torch.float32, device=device)  # [*S]
+
+    def add(self, samples: Tensor) -> None:
+        """``samples [K, C, *P]``: the probabilities of the next patch (in slicer order)."""
+        if self.index >= len(self.slicers):
+            raise RuntimeError(f"more patches than sliding-window slicers ({len(self.slicers)})")
+        sl = self.slicers[self.index]
+        self.index += 1
+        samples = samples.to(self.sum.device, torch.float32)
+        w = 1.0 if self.gaussian is None else self.gaussian.to(self.sum.device, torch.float32)
+        self.sum[(slice(None), *sl)] += (samples * w).to(self.sum.dtype)
+        self.weight[sl[1:]] += w
+
+    def probabilities(self) -> Tensor:
+        """Stitched per-sample probabilities ``[K, C, *S]`` (float32)."""
+        return self.sum.float() / self.weight.clamp_min(1e-8)
+
+    def disagreement(self) -> Tensor:
+        """``[*S]`` float32 on the CPU: pairwise disagreement of the K stitched samples' argmax labels."""
+        if self.index != len(self.slicers):
+            raise RuntimeError(f"{self.index} of {len(self.slicers)} patches were added")
+        return pairwise_disagreement(self.sum.argmax(1), self.num_classes).cpu()
