@@ -62,7 +62,7 @@ def get_trainer(method: str, fold: int, args: argparse.Namespace, plans: dict, d
     device = torch.device(args.device)
     if method == "nnunet" or args.ours_trainer == "MedFlowSegTrainer":
         return C.trainer_for(method, plans, dataset_json, args.configuration, fold, device)
-    from trainers import get_trainer_class
+    from medflowseg_nn.plugins import get_trainer_class
     plans = copy.deepcopy(plans)
     plans["continue_training"] = False
     return get_trainer_class(args.ours_trainer)(plans=plans, configuration=args.configuration, fold=fold,
@@ -100,7 +100,7 @@ def make_predictor(trainer, method: str, args: argparse.Namespace, solver: str =
                    k: int = 1):
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from medflowseg_nn.predictor import MedFlowSegPredictor
+    from medflowseg_nn.inference.predictor import MedFlowSegPredictor
     trainer.set_deep_supervision_enabled(False)
     network = trainer.network
     network.eval()
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_iterations", type=int, default=2)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--ensemble_folds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--ours_trainer", default="MedFlowSegTrainer", help="class from trainers.get_trainer_class")
+    p.add_argument("--ours_trainer", default="MedFlowSegTrainer", help="trainer class name (medflowseg_nn.plugins.get_trainer_class)")
     p.add_argument("--n_test", type=int, default=40, help="held-out test cases: the last N case ids, sorted")
     p.add_argument("--max_test_cases", type=int, default=None, help="predict only the first K test cases (smoke)")
     p.add_argument("--select_cases", type=int, default=8, help="fold-0 validation cases that pick K=4's setting")
