@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_iterations", type=int, default=2)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--ensemble_folds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--ours_trainer", default="MedFlowSegTrainer", help="trainer class name (medflowseg_nn.plugins.get_trainer_class)")
+    p.add_argument("--ours_trainer", default="MedFlowSegTrainer", help="trainer class name")
     p.add_argument("--n_test", type=int, default=40, help="held-out test cases: the last N case ids, sorted")
     p.add_argument("--max_test_cases", type=int, default=None, help="predict only the first K test cases (smoke)")
     p.add_argument("--select_cases", type=int, default=8, help="fold-0 validation cases that pick K=4's setting")
