@@ -1,7 +1,7 @@
 """Dice / HD95 per class: MedFlowSegTrainer vs nnUNetTrainer, same plans, same budget, fold 0.
 
 Both trainers are trained on the same MedFlowSegPlans (nnUNetTrainer on the PlainConvUNet copy of them, see
-``_common.plain_unet_plans``) for ``--epochs`` epochs of ``--iterations_per_epoch`` iterations (trainer
+``common.plain_unet_plans``) for ``--epochs`` epochs of ``--iterations_per_epoch`` iterations (trainer
 attributes set on the instance; nnU-Net's defaults are 1000 x 250). Then the fold's validation cases are
 predicted from the raw images with each method's predictor (ours: MedFlowSegPredictor, ``--steps`` Euler steps,
 default 1; nnU-Net: nnUNetPredictor), exported in the raw geometry and evaluated against the raw labels with
@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 if __package__ in (None, ""):
     import sys
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
+import common as C  # noqa: E402
 
 logger = logging.getLogger("benchmarks.accuracy")
 METHODS = ("ours", "nnunet")

@@ -3,7 +3,7 @@
 All three use the same plans (MedFlowSegPlans: spacing, normalisation, patch size), the same sliding window
 (step 0.5, Gaussian weighting) and the same mirroring setting. nnU-Net's predictor runs ``nnUNetTrainer``'s
 ``PlainConvUNet`` built from a copy of our plans with the network class switched (see
-``_common.plain_unet_plans``). Weights are freshly initialised (seed 0) unless ``--ours_checkpoint`` /
+``common.plain_unet_plans``). Weights are freshly initialised (seed 0) unless ``--ours_checkpoint`` /
 ``--nnunet_checkpoint`` are given: wall time does not depend on weight values.
 
 Per case, in the main process: nnU-Net's preprocessing (once, shared), then for each method
@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 if __package__ in (None, ""):
     import sys
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
+import common as C  # noqa: E402
 
 logger = logging.getLogger("benchmarks.inference")
 METHODS = ("nnunet", "ours_1step", "ours_50step")

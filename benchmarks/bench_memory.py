@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional, Sequence
 if __package__ in (None, ""):
     import sys
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
+import common as C  # noqa: E402
 from profile_network import build_networks  # noqa: E402
 
 logger = logging.getLogger("benchmarks.memory")

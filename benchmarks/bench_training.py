@@ -1,7 +1,7 @@
 """Seconds per training iteration and peak memory: MedFlowSegTrainer vs nnUNetTrainer on the same plans.
 
 Both trainers get the same MedFlowSegPlans (patch size, batch size, stages, features); ``nnUNetTrainer`` trains
-nnU-Net's ``PlainConvUNet`` built from a copy with the network class switched (``_common.plain_unet_plans``), with
+nnU-Net's ``PlainConvUNet`` built from a copy with the network class switched (``common.plain_unet_plans``), with
 its usual deep supervision.
 
 Timing (one subprocess per configuration, both trainers in it): nnU-Net's ``on_train_start`` (network, optimiser,
@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
+import common as C  # noqa: E402
 
 logger = logging.getLogger("benchmarks.training")
 METHODS = ("ours", "nnunet")

@@ -2,7 +2,7 @@
 
 A trained model folder (``plans.json``, ``dataset.json``, ``fold_F/CHECKPOINT``) predicts the validation cases of
 fold F (from nnU-Net's ``splits_final.json``; default ``$nnUNet_preprocessed/<dataset>/splits_final.json``) from
-the raw images in ``_common.shared_data_dir()/<dataset>/imagesTr``. Per K there is one ``MedFlowSegPredictor``
+the raw images in ``common.shared_data_dir()/<dataset>/imagesTr``. Per K there is one ``MedFlowSegPredictor``
 (``num_samples=K``, priors seeded ``--seed``, ``--seed + 1``, ...; sample disagreement recorded for K >= 2). Cases
 are preprocessed once; the K predictors run case by case, interleaved, so machine load hits all K alike. Only
 ``predict_logits_from_preprocessed_data`` is timed (wall and process CPU time, after one untimed warm-up call
@@ -45,7 +45,7 @@ import numpy as np
 if __package__ in (None, ""):
     import sys
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
+import common as C  # noqa: E402
 
 logger = logging.getLogger("benchmarks.uncertainty")
 N_BINS = 10

@@ -3,7 +3,7 @@
 Protocol (issue #9): the last ``--n_test`` case ids (sorted) are a TEST set no model trains on. The other cases get
 a 5-fold split (nnU-Net's ``generate_crossval_split``, seed 12345) written to ``splits_final.json`` in the
 preprocessed folder. Same plans for all (MedFlowSegPlans with ``batch_size`` set to ``--batch_size``; nnU-Net
-trains on their PlainConvUNet copy, ``_common.plain_unet_plans``), ``--epochs`` x ``--iterations_per_epoch``.
+trains on their PlainConvUNet copy, ``common.plain_unet_plans``), ``--epochs`` x ``--iterations_per_epoch``.
 Models: nnU-Net fold 0 for every seed in ``--seeds``, nnU-Net folds ``--ensemble_folds`` (first seed; fold 0 is
 shared); ours (``--ours_trainer``) fold 0 for every seed. The seed sets torch/numpy before training (network
 init); augmentation workers are not seeded. Trained weights are cached in ``WORK/value_models`` (rerun = predict).
@@ -37,8 +37,8 @@ import numpy as np
 if __package__ in (None, ""):
     import sys
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
-from _value_report import RunScores, tables  # noqa: E402
+import common as C  # noqa: E402
+from value_report import RunScores, tables  # noqa: E402
 
 logger = logging.getLogger("benchmarks.value")
 SINGLE = [("1 step", "euler", 1, 1), ("Euler N=2", "euler", 2, 1), ("Euler N=4", "euler", 4, 1),

@@ -14,7 +14,6 @@ Import as ``medflowseg_nn.planners.mfs_planner`` (the repository folder ``planne
 """
 from __future__ import annotations
 
-import logging
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -25,7 +24,6 @@ from medflowseg_nn.config import PLANS_KEY, FlowMatchingConfig
 from medflowseg_nn.model import MEMORY_ESTIMATE_KEY
 from medflowseg_nn.networks.vector_field_unet import VectorFieldUNet
 
-logger = logging.getLogger(__name__)
 PLANS_IDENTIFIER = "MedFlowSegPlans"
 
 

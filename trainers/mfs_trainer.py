@@ -11,7 +11,6 @@ for the final validation (:class:`MedFlowSegPredictor`). Deep supervision is off
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from typing import Optional
@@ -36,7 +35,6 @@ from medflowseg_nn.inference.predictor import MedFlowSegPredictor
 from medflowseg_nn.inference.sampler import FlowSegmenter
 from medflowseg_nn.model import build_vector_field, check_memory_estimate
 
-logger = logging.getLogger(__name__)
 
 
 class MedFlowSegTrainer(nnUNetTrainer):

@@ -7,7 +7,6 @@ held-out cases and ``mfs_evaluate``, and prints Dice per class. About 5 minutes 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import time
 from pathlib import Path
@@ -15,7 +14,6 @@ from typing import Optional, Sequence
 
 from medflowseg_nn.cli.common import cli_errors, pick_device, setup_logging
 
-logger = logging.getLogger(__name__)
 DEMO_ID = 990
 
 

@@ -20,7 +20,6 @@ skips cases whose outputs all exist (``--overwrite`` redoes them).
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from typing import Optional, Sequence
@@ -29,7 +28,6 @@ from medflowseg_nn.cli.common import cli_errors, dataset_name, pick_device, requ
 from medflowseg_nn.cli.train import DEFAULT_PLANS, DEFAULT_TRAINER
 from medflowseg_nn.errors import UserError
 
-logger = logging.getLogger(__name__)
 
 
 def model_folder_from_args(dataset: str, configuration: str, trainer: str = DEFAULT_TRAINER,

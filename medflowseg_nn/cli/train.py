@@ -6,7 +6,6 @@ never through nnU-Net's name search, which fails with a CPU build of torch.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from typing import Optional, Sequence, Union
 
@@ -14,7 +13,6 @@ import torch
 
 from medflowseg_nn.cli.common import UserError, cli_errors, dataset_name, pick_device, require_env, setup_logging
 
-logger = logging.getLogger(__name__)
 DEFAULT_TRAINER = "MedFlowSegTrainer"
 DEFAULT_PLANS = "MedFlowSegPlans"
 

@@ -34,7 +34,6 @@ spatial maps are safe.
 """
 from __future__ import annotations
 
-import logging
 import math
 from typing import Sequence
 
@@ -44,7 +43,6 @@ from torch import Tensor, nn
 
 from medflowseg_nn.networks.layers import conv_ndim, num_groups
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["DualBranchSpatialAttention"]
 

@@ -30,7 +30,6 @@ Design:
 """
 from __future__ import annotations
 
-import logging
 import math
 from typing import Sequence
 
@@ -39,7 +38,6 @@ from torch import Tensor, nn
 
 from medflowseg_nn.networks.layers import conv_ndim, num_groups
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["FrequencyAwareAttention"]
 

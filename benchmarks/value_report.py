@@ -6,7 +6,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-import _common as C
+import common as C
 
 
 class RunScores:
