@@ -26,6 +26,8 @@ GAUSSIAN_SIGMA_SCALE = 1.0 / 8
 GAUSSIAN_VALUE_SCALING = 10
 #: the name under which nnU-Net's trainer module refers to the predictor used by ``perform_actual_validation``
 TRAINER_PREDICTOR_NAME = "nnUNetPredictor"
+#: the name under which nnU-Net's trainer module refers to DistributedDataParallel (``initialize`` wraps with it)
+TRAINER_DDP_NAME = "DDP"
 #: private ``nnUNetPredictor`` methods called from here (checked to exist by the compat test)
 PRIVATE_PREDICTOR_METHODS = ("_internal_get_sliding_window_slicers",
                              "_internal_get_data_iterator_from_lists_of_filenames")
@@ -73,6 +75,23 @@ def validation_predictor(predictor_class: type) -> Iterator[None]:
         yield
     finally:
         setattr(trainer_module, TRAINER_PREDICTOR_NAME, old)
+
+
+@contextlib.contextmanager
+def cpu_capable_ddp() -> Iterator[None]:
+    """nnU-Net's ``initialize`` wraps the network as ``DDP(network, device_ids=[local_rank])``, which only works
+    for CUDA modules: for a CPU module (gloo) drop ``device_ids``, as DistributedDataParallel requires."""
+    ddp = getattr(trainer_module, TRAINER_DDP_NAME)
+
+    def wrap(module, device_ids=None, **kwargs):
+        on_cpu = all(p.device.type == "cpu" for p in module.parameters())
+        return ddp(module, device_ids=None if on_cpu else device_ids, **kwargs)
+
+    setattr(trainer_module, TRAINER_DDP_NAME, wrap)
+    try:
+        yield
+    finally:
+        setattr(trainer_module, TRAINER_DDP_NAME, ddp)
 
 
 @contextlib.contextmanager

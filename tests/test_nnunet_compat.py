@@ -75,3 +75,13 @@ def test_zero_da_threads_is_presented_as_one(monkeypatch):
     with nnunet_compat.nonzero_da_threads():
         assert os.environ["nnUNet_n_proc_DA"] == "1"
     assert os.environ["nnUNet_n_proc_DA"] == "0"
+
+
+def test_trainer_module_wraps_with_a_ddp_name_we_can_adapt_for_cpu():
+    from torch.nn.parallel import DistributedDataParallel
+
+    assert getattr(trainer_module, nnunet_compat.TRAINER_DDP_NAME) is DistributedDataParallel
+    assert nnunet_compat.TRAINER_DDP_NAME in trainer_module.nnUNetTrainer.initialize.__code__.co_names
+    with nnunet_compat.cpu_capable_ddp():
+        assert getattr(trainer_module, nnunet_compat.TRAINER_DDP_NAME) is not DistributedDataParallel
+    assert getattr(trainer_module, nnunet_compat.TRAINER_DDP_NAME) is DistributedDataParallel

@@ -5,7 +5,8 @@ import argparse
 import logging
 from typing import Optional, Sequence
 
-from medflowseg_nn.cli.common import UserError, cli_errors, dataset_name, require_env, setup_logging
+from medflowseg_nn.errors import UserError
+from medflowseg_nn.cli.common import cli_errors, dataset_name, require_env, setup_logging
 
 logger = logging.getLogger(__name__)
 DEFAULT_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip cases already predicted (the default; accepted for nnU-Net users)")
     p.add_argument("-npp", type=int, default=2, help="preprocessing processes (0: in this process)")
     p.add_argument("-nps", type=int, default=2, help="export processes (0: in this process)")
+    p.add_argument("-num_parts", type=int, default=1,
+                   help="split the input cases into this many disjoint parts (one worker each; default 1)")
+    p.add_argument("-part_id", type=int, default=0, help="which part this worker predicts (0 .. num_parts-1)")
     p.add_argument("-device", default=None, help="cuda, cpu or mps (default: cuda when available)")
     p.add_argument("--verbose", action="store_true")
     return p
@@ -99,7 +102,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         folds=None if args.f is None else tuple(args.f), checkpoint=args.chk, step_size=args.step_size,
         disable_tta=args.disable_tta, device=pick_device(args.device), steps=args.steps, solver=args.solver,
         seed=args.seed, num_samples=args.num_samples, overwrite=args.overwrite,
-        num_processes_preprocessing=args.npp, num_processes_export=args.nps, verbose=args.verbose)
+        num_processes_preprocessing=args.npp, num_processes_export=args.nps, verbose=args.verbose,
+        num_parts=args.num_parts, part_id=args.part_id)
     options = ExportOptions(save_probabilities=args.save_probabilities, uncertainty_folder=uncertainty,
                             overlay_folder=args.overlay_png)
     failures = predict_folder(input_folder=args.i, output_folder=args.o, model_folder=model, settings=settings,

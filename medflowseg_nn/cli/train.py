@@ -11,7 +11,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from medflowseg_nn.cli.common import UserError, cli_errors, dataset_name, pick_device, require_env, setup_logging
+from medflowseg_nn.cli.common import cli_errors, dataset_name, pick_device, require_env, setup_logging
+from medflowseg_nn.distributed import process_group, torchrun_environment
+from medflowseg_nn.errors import UserError
 
 DEFAULT_TRAINER = "MedFlowSegTrainer"
 DEFAULT_PLANS = "MedFlowSegPlans"
@@ -72,14 +74,12 @@ def train_one(trainer, continue_training: bool, only_run_validation: bool, pretr
     trainer.perform_actual_validation(npz)
 
 
-def _run_ddp(rank: int, world_size: int, kwargs: dict, run_kwargs: dict) -> None:
-    import torch.distributed as dist
-    dist.init_process_group("nccl", rank=rank, world_size=world_size)
-    torch.cuda.set_device(torch.device("cuda", dist.get_rank()))
-    try:
-        train_one(build_trainer(**kwargs), **run_kwargs)
-    finally:
-        dist.destroy_process_group()
+def spawned_rank(rank: int, world_size: int, device_type: str, kwargs: dict, run_kwargs: dict) -> None:
+    """One process of ``-num_gpus N``: torchrun's environment for this rank, then the torchrun code path."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    env = torchrun_environment()
+    with process_group(env, torch.device(device_type)) as device:
+        train_one(build_trainer(device=device, **kwargs), **run_kwargs)
 
 
 def run_training(dataset: str, configuration: str, fold: Union[int, str], trainer: str = DEFAULT_TRAINER,
@@ -87,7 +87,10 @@ def run_training(dataset: str, configuration: str, fold: Union[int, str], traine
                  npz: bool = False, continue_training: bool = False, only_run_validation: bool = False,
                  disable_checkpointing: bool = False, val_with_best: bool = False,
                  device: torch.device = torch.device("cpu"), quiet: bool = False):
-    """Train (and validate) one fold; returns the trainer (``None`` for multi-GPU runs)."""
+    """Train (and validate) one fold; returns the trainer (``None`` for ``num_gpus > 1``).
+
+    Under torchrun (``RANK``/``WORLD_SIZE`` set) every process joins the process group (nccl on CUDA, gloo on
+    the CPU) and trains its share of each batch; ``num_gpus > 1`` spawns that many such processes here."""
     if fold != "all":
         try:
             fold = int(fold)
@@ -102,14 +105,20 @@ def run_training(dataset: str, configuration: str, fold: Union[int, str], traine
     run_kwargs = dict(continue_training=continue_training, only_run_validation=only_run_validation,
                       pretrained_weights=pretrained_weights, npz=npz, disable_checkpointing=disable_checkpointing,
                       val_with_best=val_with_best, quiet=quiet)
+    env = torchrun_environment()
+    if env is not None:
+        if num_gpus > 1:
+            raise UserError("-num_gpus N and torchrun both start processes; under torchrun use --nproc_per_node")
+        with process_group(env, device) as rank_device:
+            trainer_obj = build_trainer(device=rank_device, **kwargs)
+            train_one(trainer_obj, **run_kwargs)
+        return trainer_obj
     if num_gpus > 1:
-        if device.type != "cuda":
-            raise UserError(f"-num_gpus {num_gpus} needs -device cuda")
         import torch.multiprocessing as mp
         from nnunetv2.run.run_training import find_free_network_port
         os.environ.setdefault("MASTER_ADDR", "localhost")
         os.environ.setdefault("MASTER_PORT", str(find_free_network_port()))
-        mp.spawn(_run_ddp, args=(num_gpus, kwargs, run_kwargs), nprocs=num_gpus, join=True)
+        mp.spawn(spawned_rank, args=(num_gpus, device.type, kwargs, run_kwargs), nprocs=num_gpus, join=True)
         return None
     trainer_obj = build_trainer(device=device, **kwargs)
     train_one(trainer_obj, **run_kwargs)

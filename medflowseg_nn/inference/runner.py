@@ -1,5 +1,8 @@
 """Folder prediction: find the cases, check them, skip the finished ones, predict, export, report.
 
+Sharding (``-num_parts P -part_id I``, nnU-Net's flags): part I takes every P-th case of the sorted case list,
+so the parts are disjoint, cover the folder and are the same on every rerun; each part skips what is written.
+
 :func:`predict_folder` is what ``mfs_predict`` runs. Every failure is isolated to its case and reported as one
 line naming the file (``{case: problem}``), while all other cases are written. Preprocessing runs in nnU-Net's
 background workers (falling back to this process if they die); exports run in a spawn pool; a worker that dies
@@ -61,6 +64,20 @@ class PredictionSettings:
     num_processes_preprocessing: int = 2  # -npp
     num_processes_export: int = 2  # -nps
     verbose: bool = False  # --verbose
+    num_parts: int = 1  # -num_parts: split the folder's cases into this many disjoint parts ...
+    part_id: int = 0  # -part_id: ... and predict this one (0-based), as nnU-Net does
+
+    def __post_init__(self) -> None:
+        if self.num_parts < 1 or not 0 <= self.part_id < self.num_parts:
+            raise UserError(f"-part_id must be in 0 .. {self.num_parts - 1} for -num_parts {self.num_parts}, got "
+                            f"{self.part_id}")
+
+
+def save_json_atomic(content: dict, path: str) -> None:
+    """``save_json`` to a temporary file, then rename: parallel parts writing the same file never tear it."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    save_json(content, tmp, sort_keys=False)
+    os.replace(tmp, path)
 
 
 def case_outputs(job: CaseJob, file_ending: str, options: ExportOptions) -> dict[str, str]:
@@ -228,7 +245,8 @@ def predict_folder(input_folder: str, output_folder: str, model_folder: str,
     num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
     if options.uncertainty_folder and s.num_samples < 2:
         logger.warning("--num_samples 1: the disagreement maps are all 0 (they need K >= 2 samples)")
-    jobs = [CaseJob(c, tuple(f), os.path.join(output_folder, c)) for c, f in list_cases(input_folder, ending).items()]
+    jobs = [CaseJob(c, tuple(f), os.path.join(output_folder, c))
+            for c, f in sorted(list_cases(input_folder, ending).items())][s.part_id::s.num_parts]
     todo = [j for j in jobs if s.overwrite or not all(map(os.path.isfile, case_outputs(j, ending, options).values()))]
     if len(todo) < len(jobs):
         logger.info("skipping %d case(s) whose outputs exist in %s (--overwrite redoes them)", len(jobs) - len(todo),
@@ -240,8 +258,8 @@ def predict_folder(input_folder: str, output_folder: str, model_folder: str,
     folders = [f for f in (output_folder, options.uncertainty_folder, options.overlay_folder) if f]
     for folder in folders:
         os.makedirs(folder, exist_ok=True)
-    save_json(dataset_json, os.path.join(output_folder, "dataset.json"), sort_keys=False)  # as nnU-Net does
-    save_json(predictor.plans_manager.plans, os.path.join(output_folder, "plans.json"), sort_keys=False)
+    for name, content in (("dataset.json", dataset_json), ("plans.json", predictor.plans_manager.plans)):
+        save_json_atomic(content, os.path.join(output_folder, name))  # as nnU-Net does; parts may run at once
     logger.info("predicting %d case(s) from %s with %s, %d sample(s), seed %d", len(todo), input_folder,
                 predictor.segmenter.solver, s.num_samples, predictor.segmenter.seed)
     if todo:

@@ -129,3 +129,25 @@ def test_corrupt_inputs_are_reported_the_rest_written_and_reruns_skip(trained, t
 
     assert run(trained, inputs, out, "--overwrite") == 0  # redoes every case
     assert all((out / f"{c}.nii.gz").stat().st_mtime_ns > stamps[c] for c in good)
+
+
+def test_parts_are_disjoint_cover_the_folder_and_match_one_run(trained, tmp_path, capsys):
+    """-num_parts 2 -part_id I: two workers into one folder write every case once, as a single run would."""
+    cases = sorted(n.replace("_0000.nii.gz", "") for n in trained.cases)
+    shared, single = tmp_path / "shared", tmp_path / "single"
+    written = []
+    for part in (0, 1):
+        before = set(p.name for p in shared.glob("*.nii.gz")) if shared.exists() else set()
+        assert run(trained, trained.inputs, shared, "-num_parts", "2", "-part_id", str(part)) == 0
+        written.append(sorted(set(p.name for p in shared.glob("*.nii.gz")) - before))
+    assert written == [[f"{c}.nii.gz" for c in cases[0::2]], [f"{c}.nii.gz" for c in cases[1::2]]]
+    stamps = {p.name: p.stat().st_mtime_ns for p in shared.glob("*.nii.gz")}
+    assert run(trained, trained.inputs, shared, "-num_parts", "2", "-part_id", "1") == 0  # a restarted worker
+    assert {p.name: p.stat().st_mtime_ns for p in shared.glob("*.nii.gz")} == stamps  # ... redoes nothing
+    assert run(trained, trained.inputs, single) == 0
+    for c in cases:
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(shared / f"{c}.nii.gz")))
+        assert np.array_equal(a, sitk.GetArrayFromImage(sitk.ReadImage(str(single / f"{c}.nii.gz"))))
+    capsys.readouterr()
+    assert run(trained, trained.inputs, shared, "-num_parts", "2", "-part_id", "2") == 2
+    assert "-part_id must be in 0 .. 1" in capsys.readouterr().err
