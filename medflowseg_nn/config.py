@@ -23,6 +23,8 @@ class NetworkOptions:
     """Vector-field network options (see :class:`~medflowseg_nn.networks.vector_field_unet.VectorFieldUNet`).
 
     ``dbsa_stages`` / ``faa_stages``: ``None`` = the default placement, ``[]`` = module off.
+    ``deep_supervision``: 1x1 seg heads on the decoder stages below full resolution, trained with Dice + CE on
+    the one-step estimate at t = 0 (``MedFlowSegTrainer``); the heads are kept (unused) at inference.
     """
 
     use_dbsa: bool = True
@@ -32,6 +34,7 @@ class NetworkOptions:
     time_embed_dim: int = 128
     cond_features_divisor: int = 4
     faa_num_bands: int = 8
+    deep_supervision: bool = False
 
     def resolved(self, n_stages: int) -> "NetworkOptions":
         """The same options with the default placements written out for a network of ``n_stages`` stages, so
@@ -44,7 +47,7 @@ class NetworkOptions:
         return {"dbsa_stages": self.dbsa_stages if self.use_dbsa else [],
                 "faa_stages": self.faa_stages if self.use_faa else [],
                 "time_embed_dim": self.time_embed_dim, "cond_features_divisor": self.cond_features_divisor,
-                "faa_num_bands": self.faa_num_bands}
+                "faa_num_bands": self.faa_num_bands, "deep_supervision": self.deep_supervision}
 
 
 @dataclass(frozen=True)

@@ -7,16 +7,22 @@ Kept from nnU-Net: data loading and augmentation, optimiser and poly LR, logging
 ``--c`` / ``--val``, final validation and export. Changed: the network (:class:`VectorFieldUNet`, built from the
 plans), the objective (:class:`FlowMatchingLoss` on x_t = (1 − t) x0 + t x1), validation (pseudo Dice of
 one-step inference from a seeded prior, plus a multi-step Dice on the first batches) and the predictor used
-for the final validation (:class:`MedFlowSegPredictor`). Deep supervision is off.
+for the final validation (:class:`MedFlowSegPredictor`).
+
+Deep supervision follows the plans (``flow_matching.network.deep_supervision``, off by default): when on,
+nnU-Net's dataloaders deliver the list of downsampled targets and the network's auxiliary heads get nnU-Net's
+Dice + CE with nnU-Net's weights (:meth:`MedFlowSegTrainer._build_aux_seg_loss`) on the samples at t = 0 only;
+the flow loss stays on the full-resolution output.
 """
 from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
@@ -35,6 +41,8 @@ from medflowseg_nn.inference.predictor import MedFlowSegPredictor
 from medflowseg_nn.inference.sampler import FlowSegmenter
 from medflowseg_nn.model import build_vector_field, check_memory_estimate
 
+#: ``[B, 1, *S]`` labels, or nnU-Net's deep-supervision list of them (full resolution first)
+Target = Union[torch.Tensor, list[torch.Tensor]]
 
 
 class MedFlowSegTrainer(nnUNetTrainer):
@@ -55,7 +63,6 @@ class MedFlowSegTrainer(nnUNetTrainer):
         if self.label_manager.has_regions or self.label_manager.has_ignore_label:
             raise UserError("MedFlowSegTrainer supports plain label maps only (no regions, no ignore label) — "
                             "remove 'regions_class_order'/'ignore' from dataset.json")
-        self.enable_deep_supervision = False
         self.save_every = 1  # checkpoint_latest after every epoch: an interrupted run loses at most one epoch
         for name, value in self.trainer_overrides.items():
             setattr(self, name, value)
@@ -64,6 +71,9 @@ class MedFlowSegTrainer(nnUNetTrainer):
         # the DBSA/FAA placement written out (not left to the code's defaults); the caller's dict is not touched
         self.plans_manager.plans = {**self.plans_manager.plans, PLANS_KEY: self.flow_config.to_dict()}
         self.time_sampler = self.flow_config.build_time_sampler()
+        # before initialize() / get_dataloaders(): nnU-Net builds the DS targets and the network from this flag
+        self.enable_deep_supervision = self.flow_config.network.deep_supervision
+        self.aux_seg_loss: Optional[nn.Module] = None
         self.path = LinearPath()
         self._val_batch_index = 0
         self._multistep_stats: list[np.ndarray] = []
@@ -86,18 +96,36 @@ class MedFlowSegTrainer(nnUNetTrainer):
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
         """The vector field this class trains on these plans (nnU-Net calls it on the class or an instance).
-        Warns when its network needs more memory than the planner sized patch and batch for."""
+        Warns when its network needs more memory than the planner sized patch and batch for. The deep
+        supervision heads follow the plans (so a trained state dict always loads strictly);
+        ``enable_deep_supervision`` only switches their list output (nnU-Net's predictor passes False)."""
         config = cls.resolved_flow_config(plans_manager.plans, configuration_manager)
         check_memory_estimate(plans_manager.plans, configuration_manager, num_input_channels, num_output_channels,
                               config.network)
-        return build_vector_field(configuration_manager, num_input_channels, num_output_channels, config)
+        network = build_vector_field(configuration_manager, num_input_channels, num_output_channels, config)
+        network.set_deep_supervision(enable_deep_supervision and config.network.deep_supervision)
+        return network
 
     def _build_loss(self) -> nn.Module:
+        """The flow loss on the full-resolution output; also builds :attr:`aux_seg_loss` (``None`` without DS)."""
         c = self.flow_config
+        self.aux_seg_loss = self._build_aux_seg_loss()
         return FlowMatchingLoss(c.parameterization, c.mse_weight, c.seg_weight, c.logit_scale)
 
+    def _build_aux_seg_loss(self) -> Optional[nn.Module]:
+        """nnU-Net's deep-supervision loss (``DeepSupervisionWrapper`` over its ``DC_and_CE_loss``, its weights
+        1/2^i normalised with the lowest scale at 0) with the full-resolution weight set to 0: the full-resolution
+        output is trained by the flow loss. ``None`` without deep supervision or when no auxiliary weight is left."""
+        if not self.enable_deep_supervision:
+            return None
+        nnunet_loss = super()._build_loss()
+        weights = (0.0, *nnunet_loss.weight_factors[1:])
+        return DeepSupervisionWrapper(nnunet_loss.loss, weights) if any(w != 0 for w in weights) else None
+
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
-        """The vector field has a single output; nothing to switch."""
+        """Switch the network's list output (nnU-Net switches it off for the final validation and export)."""
+        if self.enable_deep_supervision:
+            (self.network.module if self.is_ddp else self.network).set_deep_supervision(enabled)
 
     def _do_i_compile(self) -> bool:
         return False  # FFTs and complex buffers in FAA; eager mode is what is tested
@@ -113,11 +141,29 @@ class MedFlowSegTrainer(nnUNetTrainer):
     def _autocast(self):
         return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
 
-    def _flow_loss(self, image: torch.Tensor, seg: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _flow_loss(self, image: torch.Tensor, target: Target) -> dict[str, torch.Tensor]:
+        """``image`` ``[B, C, *S]``; ``target`` ``[B, 1, *S]`` or the deep-supervision list (full resolution
+        first). Flow loss on the full-resolution output; with deep supervision, plus ``seg_weight`` times the
+        auxiliary Dice + CE of the samples drawn at t = 0 (t ≤ ``zero_width``): there the output is the one-step
+        estimate from the image alone, while at t > 0 the label is visible in x_t and a head could copy it."""
+        seg = target[0] if isinstance(target, (list, tuple)) else target
         x1 = segmentation_to_target(seg, self.label_manager.num_segmentation_heads)
         t = self.time_sampler.sample(x1.shape[0], device=x1.device)
         path = self.path.sample(torch.randn_like(x1), x1, t)
-        return self.loss(self.network(image, path.x_t, t), path, seg)
+        raw = self.network(image, path.x_t, t)
+        outputs = raw if isinstance(raw, (list, tuple)) else [raw]
+        losses = self.loss(outputs[0], path, seg)
+        if self.aux_seg_loss is None or len(outputs) == 1:
+            return losses
+        at_zero = t <= self.flow_config.zero_width
+        aux = self.aux_seg_loss([o[at_zero] for o in outputs], [s[at_zero] for s in target]) \
+            if bool(at_zero.any()) else outputs[0].new_zeros(())
+        return {**losses, "loss": losses["loss"] + self.flow_config.seg_weight * aux, "aux": aux.detach()}
+
+    def _to_device(self, target: Target) -> Target:
+        if isinstance(target, (list, tuple)):
+            return [s.to(self.device, non_blocking=True) for s in target]
+        return target.to(self.device, non_blocking=True)
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
@@ -133,10 +179,10 @@ class MedFlowSegTrainer(nnUNetTrainer):
 
     def train_step(self, batch: dict) -> dict:
         image = batch["data"].to(self.device, non_blocking=True)
-        seg = batch["target"].to(self.device, non_blocking=True)
+        target = self._to_device(batch["target"])
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            losses = self._flow_loss(image, seg)
+            losses = self._flow_loss(image, target)
         loss = losses["loss"]
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
@@ -168,9 +214,11 @@ class MedFlowSegTrainer(nnUNetTrainer):
 
     def validation_step(self, batch: dict) -> dict:
         """One-step inference from the seeded prior (x_t = x0, t = 0): its flow loss is the validation loss and
-        its argmax gives nnU-Net's pseudo Dice. One network evaluation per batch, as in nnU-Net."""
+        its argmax gives nnU-Net's pseudo Dice. One network evaluation per batch, as in nnU-Net. With deep
+        supervision only the full-resolution target is used (the network is in eval mode: one output)."""
         image = batch["data"].to(self.device, non_blocking=True)
-        seg = batch["target"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        seg = (target[0] if isinstance(target, (list, tuple)) else target).to(self.device, non_blocking=True)
         num_classes = self.label_manager.num_segmentation_heads
         with torch.no_grad(), self._autocast():
             x1 = segmentation_to_target(seg, num_classes)

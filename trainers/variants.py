@@ -55,3 +55,9 @@ class MedFlowSegTrainer_uniformTime(MedFlowSegTrainer):
 class MedFlowSegTrainer_velocityUniformTime(MedFlowSegTrainer):
     """The paper's literal setting: velocity output and t ~ U(0, 1)."""
     flow_overrides = {"parameterization": "velocity", "time_sampler": "uniform", "zero_fraction": 0.0}
+
+
+class MedFlowSegTrainer_deepSupervision(MedFlowSegTrainer):
+    """Deep supervision: 1x1 heads on the decoder stages below full resolution, nnU-Net's Dice + CE and weights
+    on the samples at t = 0 (see ``MedFlowSegTrainer._flow_loss``)."""
+    network_overrides = {"deep_supervision": True}

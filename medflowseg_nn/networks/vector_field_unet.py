@@ -6,6 +6,13 @@ kernel sizes, strides, conv/norm/nonlin ops; ``conv_op`` decides 2D or 3D), so a
 Inputs: ``image`` ``[B, C_img, *S]``, ``x_t`` ``[B, K, *S]``, ``t`` ``[B]``; output ``[B, K, *S]`` (raw: its
 meaning, velocity or clean-mask logits, is set by :mod:`medflowseg_nn.flow.loss`).
 
+Deep supervision (``deep_supervision=True``): a 1x1 conv head after every decoder stage, as in
+dynamic_network_architectures' ``UNetDecoder``. In training mode, while :attr:`VectorFieldUNet.deep_supervision`
+is on, the forward returns the list of the decoder's outputs, highest resolution first (see ``forward``); in
+eval mode, or with the flag switched off, the single full-resolution output, computed exactly as without the
+option. The heads stay in the module either way, so a state dict trained with them loads strictly into a
+network built from the same plans for inference.
+
 Dual conditioning: the image enters as input channels (image ⊕ x_t) and, through a light conditioning
 encoder, as features injected into skip connections by Dual-Branch Spatial Attention (DBSA; by default the
 deepest skip, any set of skips from the plans).
@@ -63,8 +70,6 @@ class VectorFieldUNet(nn.Module):
                  dbsa_stages: Optional[Sequence[int]] = None, faa_stages: Optional[Sequence[int]] = None,
                  faa_num_bands: int = 8, dbsa_dilations: Sequence[int] = (1, 2)):
         super().__init__()
-        if deep_supervision:
-            logger.warning("VectorFieldUNet has no deep supervision; the flag is ignored")
         features = _as_list(features_per_stage, n_stages)
         kernel_sizes, strides = _as_list(kernel_sizes, n_stages), _as_list(strides, n_stages)
         n_conv_enc = _as_list(n_conv_per_stage, n_stages)
@@ -111,8 +116,14 @@ class VectorFieldUNet(nn.Module):
         self.decoder_time = nn.ModuleList(TimeModulation(time_embed_dim, features[s])
                                           for s in range(n_stages - 2, -1, -1))
         self.seg_head = conv_op(features[0], num_classes, 1, 1, 0, bias=True)
+        #: auxiliary heads, one per decoder stage below full resolution, lowest resolution first (decoder order)
+        self.aux_heads = nn.ModuleList(conv_op(features[s], num_classes, 1, 1, 0, bias=True)
+                                       for s in range(n_stages - 2, 0, -1)) if deep_supervision else nn.ModuleList()
+        #: whether the heads were built; ``deep_supervision`` is the runtime switch (``set_deep_supervision``)
+        self.has_deep_supervision_heads = bool(deep_supervision)
+        self.deep_supervision = bool(deep_supervision)
         init = InitWeights_He(1e-2)
-        for part in (self.encoder, self.cond_encoder, self.upsample, self.decoder, self.seg_head):
+        for part in (self.encoder, self.cond_encoder, self.upsample, self.decoder, self.seg_head, self.aux_heads):
             part.apply(init)
 
         # attention modules are built after the He init: their zero-initialised projections must stay zero
@@ -122,7 +133,18 @@ class VectorFieldUNet(nn.Module):
         self.faa = nn.ModuleDict({str(s): FrequencyAwareAttention(features[s], conv_op, time_embed_dim, faa_num_bands)
                                   for s in self.faa_stages})
 
-    def forward(self, image: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+    def set_deep_supervision(self, enabled: bool) -> None:
+        """Switch the list output on or off (the heads' parameters stay in the module either way)."""
+        if enabled and not self.has_deep_supervision_heads:
+            raise ValueError("this VectorFieldUNet was built without deep supervision heads")
+        self.deep_supervision = bool(enabled)
+
+    def forward(self, image: Tensor, x_t: Tensor, t: Tensor) -> Union[Tensor, list[Tensor]]:
+        """``image`` ``[B, C_img, *S]``, ``x_t`` ``[B, K, *S]``, ``t`` ``[B]`` -> raw output ``[B, K, *S]``.
+
+        With deep supervision on and in training mode: a list of ``n_stages - 1`` tensors, highest resolution
+        first, ``[B, K, *S]``, ``[B, K, *S / s_1]``, ``[B, K, *S / (s_1 s_2)]``, ... (``s_i``: stage i's stride),
+        the first being the output above; the others are raw logits of the auxiliary heads."""
         if image.shape[1] != self.input_channels or x_t.shape[1] != self.num_classes:
             raise ValueError(f"expected {self.input_channels} image and {self.num_classes} x_t channels, got "
                              f"{image.shape[1]} and {x_t.shape[1]}")
@@ -138,10 +160,15 @@ class VectorFieldUNet(nn.Module):
                 cond = self.cond_encoder[s](cond)
             if s < self.n_stages - 1:
                 skips.append(self.dbsa[str(s)](x, cond, temb) if str(s) in self.dbsa else x)
+        with_aux = self.deep_supervision and self.training and self.has_deep_supervision_heads
+        aux = []
         for i in range(self.n_stages - 1):
             x = torch.cat([self.upsample[i](x), skips[-(i + 1)]], 1)
             x = self.decoder_time[i](self.decoder[i](x), temb)
-        return self.seg_head(x)
+            if with_aux and i < self.n_stages - 2:
+                aux.append(self.aux_heads[i](x))
+        out = self.seg_head(x)
+        return [out] + aux[::-1] if with_aux else out
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
         """Activation elements stored for backward at batch size 1 (nnU-Net's planner unit): every conv output,
@@ -164,5 +191,7 @@ class VectorFieldUNet(nn.Module):
             total += 2 * np.prod([self.features[s], *sizes[s]], dtype=np.int64)  # upsampled + modulated
             total += self.decoder[i].compute_conv_feature_map_size(sizes[s])
         total += np.prod([self.num_classes, *sizes[0]], dtype=np.int64)
+        for s in range(self.n_stages - 2, 0, -1)[:len(self.aux_heads)]:
+            total += np.prod([self.num_classes, *sizes[s]], dtype=np.int64)  # auxiliary head outputs
         return total
 

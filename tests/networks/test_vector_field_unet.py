@@ -99,3 +99,60 @@ def test_flow_and_networks_do_not_import_nnunetv2():
             "import medflowseg_nn.inference.sampler, medflowseg_nn.config\n"
             "assert not [m for m in sys.modules if m.startswith('nnunetv2.')]\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def four_stage_kwargs(dim: int) -> dict:
+    kw = tiny_kwargs(dim)
+    n = 4
+    kw.update(n_stages=n, features_per_stage=[8, 16, 32, 32], kernel_sizes=[[3] * dim] * n,
+              strides=[[1] * dim] + [[2] * dim] * (n - 1), n_conv_per_stage=[1] * n,
+              n_conv_per_stage_decoder=[1] * (n - 1))
+    return kw
+
+
+@pytest.mark.parametrize("spatial", [(16, 24), (16, 24, 16)], ids=["2d", "3d"])
+def test_deep_supervision_outputs_highest_resolution_first(spatial):
+    """Training mode: [B, K, *S], [B, K, *S/2], [B, K, *S/4] (a head per decoder stage, as nnU-Net's decoder)."""
+    net = VectorFieldUNet(2, 3, **four_stage_kwargs(len(spatial)), deep_supervision=True)
+    image, x_t, t = torch.randn(2, 2, *spatial), torch.randn(2, 3, *spatial), torch.rand(2)
+    outs = net(image, x_t, t)
+    assert isinstance(outs, list) and len(outs) == 3
+    assert [o.shape for o in outs] == [(2, 3, *[s // f for s in spatial]) for f in (1, 2, 4)]
+    sum(o.square().mean() for o in outs).backward()
+    assert all(p.grad is not None for p in net.aux_heads.parameters())
+    # eval mode, or the switch off: the single full-resolution output, the same as the list's first entry
+    net.eval()
+    with torch.no_grad():
+        single = net(image, x_t, t)
+    assert isinstance(single, torch.Tensor) and torch.allclose(single, outs[0].detach(), atol=1e-6)
+    net.train()
+    net.set_deep_supervision(False)
+    assert isinstance(net(image, x_t, t), torch.Tensor)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_deep_supervision_off_is_the_plain_network(dim):
+    """Without the option: no heads, a tensor in both modes, the same initial weights as before the option."""
+    spatial = (16, 24) if dim == 2 else (16, 24, 16)
+    torch.manual_seed(0)
+    plain = VectorFieldUNet(1, 2, **four_stage_kwargs(dim))
+    torch.manual_seed(0)
+    with_heads = VectorFieldUNet(1, 2, **four_stage_kwargs(dim), deep_supervision=True)
+    assert len(plain.aux_heads) == 0 and len(with_heads.aux_heads) == 2
+    extra = set(with_heads.state_dict()) - set(plain.state_dict())
+    assert extra and all(k.startswith("aux_heads.") for k in extra)
+    image, x_t, t = torch.randn(1, 1, *spatial), torch.randn(1, 2, *spatial), torch.rand(1)
+    assert isinstance(plain(image, x_t, t), torch.Tensor) and isinstance(plain.eval()(image, x_t, t), torch.Tensor)
+    # the shared weights loaded into the DS network: its inference output is the plain network's
+    with_heads.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        assert torch.equal(with_heads.eval()(image, x_t, t), plain(image, x_t, t))
+    with pytest.raises(ValueError, match="without deep supervision heads"):
+        plain.set_deep_supervision(True)
+
+
+def test_deep_supervision_heads_count_in_the_feature_map_size():
+    spatial = (16, 24, 16)
+    plain = VectorFieldUNet(1, 3, **four_stage_kwargs(3)).compute_conv_feature_map_size(spatial)
+    ds = VectorFieldUNet(1, 3, **four_stage_kwargs(3), deep_supervision=True).compute_conv_feature_map_size(spatial)
+    assert ds - plain == 3 * (8 * 12 * 8 + 4 * 6 * 4)

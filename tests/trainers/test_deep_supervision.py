@@ -1,0 +1,145 @@
+"""Deep supervision of the vector field (``MedFlowSegTrainer_deepSupervision``) on a planned synthetic dataset.
+
+The network is made 4 stages deep in the plans (3 would leave no auxiliary weight: nnU-Net zeroes the lowest
+scale), small for speed. Batches come from the trainer's own nnU-Net dataloaders (list targets).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from medflowseg_nn.cli import plan_and_preprocess
+from medflowseg_nn.config import FlowMatchingConfig
+from medflowseg_nn.model import build_vector_field
+from medflowseg_nn.synthetic import make_synthetic_dataset
+from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer
+from medflowseg_nn.trainers.variants import MedFlowSegTrainer_deepSupervision
+from tests.conftest import set_nnunet_env
+
+CONFIG = "3d_fullres"
+NUM_CLASSES = 3
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deep_supervision")
+    with pytest.MonkeyPatch.context() as mp:
+        set_nnunet_env(root, mp)
+        raw = make_synthetic_dataset(root / "nnUNet_raw", 984, num_train=5, shape=(16, 20, 16))
+        assert plan_and_preprocess.main(["-d", "984", "-c", CONFIG, "-np", "1", "--no_verify"]) == 0
+        pre = root / "nnUNet_preprocessed" / raw.name
+        plans = json.loads((pre / "MedFlowSegPlans.json").read_text())
+        yield SimpleNamespace(plans=plans, dataset_json=json.loads((pre / "dataset.json").read_text()))
+
+
+def four_stage_plans(planned) -> dict:
+    plans = copy.deepcopy(planned.plans)
+    arch = plans["configurations"][CONFIG]["architecture"]["arch_kwargs"]
+    assert plans["configurations"][CONFIG]["patch_size"] == [16, 20, 16]
+    arch.update(n_stages=4, features_per_stage=[4, 8, 16, 16], kernel_sizes=[[3, 3, 3]] * 4,
+                strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 1, 2]], n_conv_per_stage=[1] * 4,
+                n_conv_per_stage_decoder=[1] * 3)
+    plans["continue_training"] = False
+    return plans
+
+
+def make_trainer(planned, cls=MedFlowSegTrainer_deepSupervision):
+    trainer = cls(four_stage_plans(planned), CONFIG, 0, planned.dataset_json, device=torch.device("cpu"))
+    trainer.initialize()
+    return trainer
+
+
+def test_variant_builds_heads_on_fresh_plans_and_records_the_option(planned):
+    plans = four_stage_plans(planned)
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(CONFIG)
+    ds = MedFlowSegTrainer_deepSupervision.build_network_architecture(pm, cm, 1, NUM_CLASSES)
+    plain = MedFlowSegTrainer.build_network_architecture(pm, cm, 1, NUM_CLASSES)
+    assert len(ds.aux_heads) == 2 and ds.deep_supervision and len(plain.aux_heads) == 0
+    # nnU-Net's predictor asks for no deep supervision: same heads (strict loading), list output off
+    off = MedFlowSegTrainer_deepSupervision.build_network_architecture(pm, cm, 1, NUM_CLASSES, False)
+    assert len(off.aux_heads) == 2 and not off.deep_supervision
+    assert plans == four_stage_plans(planned)  # pure
+    assert not FlowMatchingConfig.from_plans(plans).network.deep_supervision
+
+
+def test_aux_weights_are_nnunets(planned):
+    trainer = make_trainer(planned)
+    assert trainer.enable_deep_supervision
+    nnunet_loss = nnUNetTrainer._build_loss(trainer)  # nnU-Net's own deep-supervision loss for these plans
+    scales = trainer._get_deep_supervision_scales()
+    assert len(scales) == 3
+    expected = np.array([1 / 2 ** i for i in range(3)])
+    expected[-1] = 0
+    expected /= expected.sum()
+    assert np.allclose(nnunet_loss.weight_factors, expected)
+    # the full-resolution weight is 0 (the flow loss trains that output); the others are nnU-Net's
+    assert trainer.aux_seg_loss.weight_factors == (0.0, *nnunet_loss.weight_factors[1:])
+    assert trainer.aux_seg_loss.weight_factors[1] == pytest.approx(1 / 3)
+    assert type(trainer.aux_seg_loss.loss) is type(nnunet_loss.loss)
+    assert make_trainer(planned, MedFlowSegTrainer).aux_seg_loss is None
+
+
+def test_train_step_with_list_targets_and_aux_loss_at_t0_only(planned):
+    trainer = make_trainer(planned)
+    train_loader, val_loader = trainer.get_dataloaders()
+    batch = next(train_loader)
+    target = batch["target"]
+    assert isinstance(target, list) and len(target) == 3
+    assert [tuple(s.shape[2:]) for s in target] == [(16, 20, 16), (8, 10, 8), (4, 5, 4)]
+    trainer.network.train()
+    out = trainer.train_step(batch)
+    assert np.isfinite(out["loss"]) and out["loss"] > 0
+
+    class Fixed:
+        def __init__(self, value: float):
+            self.value = value
+
+        def sample(self, batch_size, device="cpu", generator=None):
+            return torch.full((batch_size,), self.value, device=device)
+
+    with torch.no_grad():
+        trainer.time_sampler = Fixed(0.0)
+        at_zero = trainer._flow_loss(batch["data"], target)
+        trainer.time_sampler = Fixed(0.5)
+        later = trainer._flow_loss(batch["data"], target)
+    assert at_zero["aux"] > 0 and torch.isfinite(at_zero["loss"])
+    assert later["aux"] == 0  # t > 0: x_t shows the label, the heads are not trained there
+    assert at_zero["loss"] == pytest.approx((at_zero["mse"] + at_zero["seg"] + at_zero["aux"]).item(), rel=1e-5)
+
+    # validation: eval mode, full-resolution target of the list
+    trainer.val_multistep_steps = 1
+    trainer.on_validation_epoch_start()
+    val = trainer.validation_step(next(val_loader))
+    assert np.isfinite(val["loss"]) and val["tp_hard"].shape == (NUM_CLASSES - 1,)
+
+
+def test_ds_trained_state_dict_loads_strictly_into_the_inference_network(planned):
+    trainer = make_trainer(planned)
+    trainer.set_deep_supervision_enabled(False)
+    assert not trainer.network.deep_supervision
+    trainer.network.train()
+    shape = (1, 1, 16, 20, 16)
+    image, x_t, t = torch.randn(shape), torch.randn(1, NUM_CLASSES, *shape[2:]), torch.zeros(1)
+    assert isinstance(trainer.network(image, x_t, t), torch.Tensor)
+    trainer.set_deep_supervision_enabled(True)
+    assert isinstance(trainer.network(image, x_t, t), list)
+
+    # what the predictor builds: the block of the plans the trainer saves to the results folder
+    saved_plans = trainer.plans_manager.plans
+    config = FlowMatchingConfig.from_plans(saved_plans)
+    assert config.network.deep_supervision
+    cm = PlansManager(saved_plans).get_configuration(CONFIG)
+    inference = build_vector_field(cm, 1, NUM_CLASSES, config)
+    inference.load_state_dict(trainer.network.state_dict(), strict=True)
+    inference.eval()
+    trainer.network.eval()
+    with torch.no_grad():
+        assert torch.equal(inference(image, x_t, t), trainer.network(image, x_t, t))
