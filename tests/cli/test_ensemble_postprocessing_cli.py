@@ -1,0 +1,126 @@
+"""``mfs_ensemble``, ``mfs_determine_postprocessing`` and ``mfs_apply_postprocessing`` on the predictions of two
+trained smoke folds (K = 2 samples with uncertainty maps), in-process."""
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from medflowseg_nn.cli import ensemble, plan_and_preprocess, postprocessing, predict, train
+from medflowseg_nn.synthetic import make_synthetic_dataset
+from tests.conftest import set_nnunet_env
+
+TRAINER = "MedFlowSegTrainer_smoke"
+
+
+def train_smoke_folds(root, dataset_id: int, folds: tuple[int, ...]):
+    """Synthetic dataset, plans with a shrunk network, ``MedFlowSegTrainer_smoke`` folds → (raw folder, model)."""
+    raw = make_synthetic_dataset(root / "nnUNet_raw", dataset_id, num_train=5, num_test=2, shape=(16, 20, 16))
+    assert plan_and_preprocess.main(["-d", str(dataset_id), "-c", "3d_fullres", "-np", "1", "--no_verify"]) == 0
+    plans_file = root / "nnUNet_preprocessed" / raw.name / "MedFlowSegPlans.json"
+    plans = json.loads(plans_file.read_text())
+    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"].update(
+        features_per_stage=[4, 8, 16], n_conv_per_stage=[1, 1, 1], n_conv_per_stage_decoder=[1, 1])
+    plans_file.write_text(json.dumps(plans))
+    for fold in folds:
+        assert train.main([str(dataset_id), "3d_fullres", str(fold), "-tr", TRAINER, "-device", "cpu"]) == 0
+    return raw, root / "nnUNet_results" / raw.name / f"{TRAINER}__MedFlowSegPlans__3d_fullres"
+
+
+def predict_into(model, inputs, out, fold: str, *extra: str) -> int:
+    return predict.main(["-i", str(inputs), "-o", str(out), "-m", str(model), "-f", fold, "-device", "cpu",
+                         "--disable_tta", "-npp", "0", "-nps", "0", "--save_probabilities", *extra])
+
+
+@pytest.fixture(scope="module")
+def folds(tmp_path_factory):
+    """Two trained folds, each predicting 2 training images with K = 2 samples and uncertainty maps."""
+    root = tmp_path_factory.mktemp("ensemble_cli")
+    with pytest.MonkeyPatch.context() as mp:
+        set_nnunet_env(root, mp)
+        raw, model = train_smoke_folds(root, 983, (0, 1))
+        inputs = root / "inputs"
+        inputs.mkdir()
+        for f in sorted((raw / "imagesTr").iterdir())[:2]:
+            shutil.copy(f, inputs)
+        preds = [root / f"pred_fold{f}" for f in (0, 1)]
+        for fold, out in zip(("0", "1"), preds):
+            assert predict_into(model, inputs, out, fold, "--save_uncertainty", "--num_samples", "2") == 0
+        cases = sorted(f.name[: -len("_0000.nii.gz")] for f in inputs.iterdir())
+        yield SimpleNamespace(root=root, raw=raw, model=model, inputs=inputs, preds=preds, cases=cases)
+
+
+def read(path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def test_ensemble_of_two_folds(folds, tmp_path, capsys):
+    out = tmp_path / "ens"
+    assert ensemble.main(["-i", *map(str, folds.preds), "-o", str(out), "-np", "0", "--save_npz"]) == 0
+    assert "2 case(s) from 2 folders" in capsys.readouterr().out
+    differs = False
+    for case in folds.cases:
+        members = [np.load(p / f"{case}.npz")["probabilities"].astype(np.float32) for p in folds.preds]
+        avg = np.load(out / f"{case}.npz")["probabilities"]
+        assert np.allclose(avg, (members[0] + members[1]) / 2, atol=1e-6)
+        seg = read(out / f"{case}.nii.gz")
+        assert np.array_equal(seg, avg.argmax(0))
+        image = sitk.ReadImage(str(folds.inputs / f"{case}_0000.nii.gz"))
+        for path in (out / f"{case}.nii.gz", out / "uncertainty" / f"{case}_entropy.nii.gz",
+                     out / "uncertainty" / f"{case}_disagreement.nii.gz"):
+            written = sitk.ReadImage(str(path))
+            assert written.GetSize() == image.GetSize() and np.allclose(written.GetSpacing(), image.GetSpacing())
+            assert np.allclose(written.GetOrigin(), image.GetOrigin())
+        dis = read(out / "uncertainty" / f"{case}_disagreement.nii.gz")
+        labels = [m.argmax(0) for m in members]
+        assert 0 <= dis.min() and dis.max() <= 1
+        assert np.array_equal(dis > 0.5, labels[0] != labels[1])  # 2 members: 1 pair, 0 or 1
+        differs |= bool(dis.max() > 0)
+    assert differs, "the two folds' segmentations should differ somewhere"
+
+
+def test_ensemble_bad_input_exits_2(folds, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(folds.preds[0] / "dataset.json", empty)
+    shutil.copy(folds.preds[0] / "plans.json", empty)
+    assert ensemble.main(["-i", str(folds.preds[0]), str(empty), "-o", str(tmp_path / "o"), "-np", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no case has a .npz in every input folder")
+    broken = tmp_path / "broken"
+    shutil.copytree(folds.preds[1], broken)
+    (broken / f"{folds.cases[0]}.pkl").unlink()
+    assert ensemble.main(["-i", str(folds.preds[0]), str(broken), "-o", str(tmp_path / "o"), "-np", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ".pkl is missing" in err[0]
+    case = folds.cases[0]
+    probs = np.load(broken / f"{case}.npz")["probabilities"]
+    np.savez_compressed(broken / f"{case}.npz", probabilities=probs[:, :-1])
+    shutil.copy(folds.preds[1] / f"{case}.pkl", broken)
+    assert ensemble.main(["-i", str(folds.preds[0]), str(broken), "-o", str(tmp_path / "o"), "-np", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "differ in shape" in err[0]
+
+
+def test_determine_and_apply_postprocessing(folds, tmp_path, capsys):
+    pred = tmp_path / "pred"
+    shutil.copytree(folds.preds[0], pred)
+    ref = folds.raw / "labelsTr"
+    assert postprocessing.main_determine(["-i", str(pred), "-ref", str(ref), "-np", "1"]) == 0
+    assert "foreground mean Dice" in capsys.readouterr().out
+    assert (pred / "postprocessing.pkl").is_file() and (pred / "postprocessing.json").is_file()
+    out = tmp_path / "pp"
+    assert postprocessing.main_apply(["-i", str(pred), "-o", str(out), "-pp_pkl_file",
+                                      str(pred / "postprocessing.pkl"), "-np", "1"]) == 0
+    labels = set(json.loads((pred / "dataset.json").read_text())["labels"].values())
+    for case in folds.cases:
+        seg = read(out / f"{case}.nii.gz")
+        assert seg.shape == read(pred / f"{case}.nii.gz").shape and set(np.unique(seg)) <= labels
+    assert (out / "plans.json").is_file()
+    assert postprocessing.main_determine(["-i", str(pred), "-ref", str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: reference folder")
+    assert postprocessing.main_apply(["-i", str(pred), "-o", str(out), "-pp_pkl_file", str(tmp_path / "x.pkl")]) == 2
