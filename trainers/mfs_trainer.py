@@ -60,6 +60,10 @@ class MedFlowSegTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp and device.type != "cuda":  # nnU-Net assumes DDP means CUDA; gloo on the CPU works too
+            self.device, self.grad_scaler = device, None
+        if self.is_ddp:  # every rank draws its own noise and t (torch's default seed is the same in each process)
+            torch.manual_seed(torch.initial_seed() + self.local_rank)
         if self.label_manager.has_regions or self.label_manager.has_ignore_label:
             raise UserError("MedFlowSegTrainer supports plain label maps only (no regions, no ignore label) — "
                             "remove 'regions_class_order'/'ignore' from dataset.json")
@@ -106,11 +110,16 @@ class MedFlowSegTrainer(nnUNetTrainer):
         network.set_deep_supervision(enable_deep_supervision and config.network.deep_supervision)
         return network
 
+    def initialize(self) -> None:
+        """nnU-Net's, with its DDP wrap made to work for CPU modules (gloo) too."""
+        with nnunet_compat.cpu_capable_ddp():
+            super().initialize()
+
     def _build_loss(self) -> nn.Module:
         """The flow loss on the full-resolution output; also builds :attr:`aux_seg_loss` (``None`` without DS)."""
         c = self.flow_config
         self.aux_seg_loss = self._build_aux_seg_loss()
-        return FlowMatchingLoss(c.parameterization, c.mse_weight, c.seg_weight, c.logit_scale)
+        return FlowMatchingLoss(c.parameterization, c.mse_weight, c.seg_weight, c.logit_scale, ddp=self.is_ddp)
 
     def _build_aux_seg_loss(self) -> Optional[nn.Module]:
         """nnU-Net's deep-supervision loss (``DeepSupervisionWrapper`` over its ``DC_and_CE_loss``, its weights

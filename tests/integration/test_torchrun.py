@@ -1,0 +1,40 @@
+"""``torchrun --nproc_per_node 2 mfs_train ... -device cpu``: one gloo job (not two independent trainings)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medflowseg_nn.cli import plan_and_preprocess
+from medflowseg_nn.synthetic import make_synthetic_dataset
+
+TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+MFS_TRAIN = shutil.which("mfs_train") or str(Path(sys.executable).parent / "mfs_train")
+
+
+@pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
+def test_torchrun_two_cpu_ranks_train_one_model_and_resume(nnunet_env):
+    make_synthetic_dataset(nnunet_env["nnUNet_raw"], 993, num_train=6, shape=(20, 24, 20))
+    assert plan_and_preprocess.main(["-d", "993", "-c", "3d_fullres", "-np", "1"]) == 0
+    env = dict(os.environ, nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0", MFS_DDP_TIMEOUT="300")
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", MFS_TRAIN, "993", "3d_fullres", "0",
+           "-tr", "MedFlowSegTrainer_smoke", "-device", "cpu"]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    log = first.stdout + first.stderr
+    assert first.returncode == 0, log[-3000:]
+    assert "rank 0 of 2" in log and "rank 1 of 2" in log and "The world size is 2" in log
+    model = "MedFlowSegTrainer_smoke__MedFlowSegPlans__3d_fullres"
+    fold = nnunet_env["nnUNet_results"] / "Dataset993_Synthetic" / model / "fold_0"
+    assert (fold / "checkpoint_final.pth").is_file() and not list(fold.glob("*.tmp"))
+    debug = json.loads((fold / "debug.json").read_text())
+    assert str(debug["batch_size"]) == "1"  # the plans' batch of 2, split over 2 ranks
+    assert len(list(fold.glob("training_log_*.txt"))) == 1  # rank 0 logs, not both
+    assert sorted(p.name for p in (fold / "validation").glob("*.nii.gz"))  # validation shared by the ranks
+
+    resumed = subprocess.run(cmd + ["--c"], env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
