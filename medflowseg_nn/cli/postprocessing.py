@@ -46,7 +46,7 @@ def segmentation_files(folder: str, ending: str, what: str) -> list[str]:
 
 
 def quiet_call(func, **kwargs):
-    """Call an nnU-Net function with its ``print`` output sent to the debug log."""
+    """Call an nnU-Net function with its ``print`` output sent to the log (INFO, prefixed ``nnU-Net:``)."""
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         result = func(**kwargs)
