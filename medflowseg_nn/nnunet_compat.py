@@ -66,19 +66,23 @@ def pool_workers(pool: multiprocessing.pool.Pool) -> list:
 
 
 @contextlib.contextmanager
-def validation_predictor(predictor_class: type) -> Iterator[None]:
-    """Make nnU-Net's ``nnUNetTrainer.perform_actual_validation`` build ``predictor_class`` instead of its
-    ``nnUNetPredictor`` (it looks the name up in its module at call time); restored afterwards."""
-    old = getattr(trainer_module, TRAINER_PREDICTOR_NAME)
-    setattr(trainer_module, TRAINER_PREDICTOR_NAME, predictor_class)
+def _attribute_swapped(owner: object, name: str, value: object) -> Iterator[None]:
+    """Set ``owner.name`` to ``value`` for the duration; the old value is restored afterwards."""
+    old = getattr(owner, name)
+    setattr(owner, name, value)
     try:
         yield
     finally:
-        setattr(trainer_module, TRAINER_PREDICTOR_NAME, old)
+        setattr(owner, name, old)
 
 
-@contextlib.contextmanager
-def cpu_capable_ddp() -> Iterator[None]:
+def validation_predictor(predictor_class: type) -> contextlib.AbstractContextManager:
+    """Make nnU-Net's ``nnUNetTrainer.perform_actual_validation`` build ``predictor_class`` instead of its
+    ``nnUNetPredictor`` (it looks the name up in its module at call time); restored afterwards."""
+    return _attribute_swapped(trainer_module, TRAINER_PREDICTOR_NAME, predictor_class)
+
+
+def cpu_capable_ddp() -> contextlib.AbstractContextManager:
     """nnU-Net's ``initialize`` wraps the network as ``DDP(network, device_ids=[local_rank])``, which only works
     for CUDA modules: for a CPU module (gloo) drop ``device_ids``, as DistributedDataParallel requires."""
     ddp = getattr(trainer_module, TRAINER_DDP_NAME)
@@ -87,11 +91,7 @@ def cpu_capable_ddp() -> Iterator[None]:
         on_cpu = all(p.device.type == "cpu" for p in module.parameters())
         return ddp(module, device_ids=None if on_cpu else device_ids, **kwargs)
 
-    setattr(trainer_module, TRAINER_DDP_NAME, wrap)
-    try:
-        yield
-    finally:
-        setattr(trainer_module, TRAINER_DDP_NAME, ddp)
+    return _attribute_swapped(trainer_module, TRAINER_DDP_NAME, wrap)
 
 
 @contextlib.contextmanager
