@@ -38,3 +38,27 @@ def test_torchrun_two_cpu_ranks_train_one_model_and_resume(nnunet_env):
 
     resumed = subprocess.run(cmd + ["--c"], env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+
+
+DYING_RANK = """
+import os, sys, threading
+from medflowseg_nn.cli.train import main
+if os.environ["RANK"] == "1":  # this rank dies mid-training, as a node that loses power would
+    threading.Timer(float(os.environ["DIE_AFTER_S"]), lambda: os._exit(17)).start()
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
+def test_a_dying_rank_ends_the_job_with_an_error_instead_of_a_hang(nnunet_env, tmp_path):
+    make_synthetic_dataset(nnunet_env["nnUNet_raw"], 994, num_train=6, shape=(20, 24, 20))
+    assert plan_and_preprocess.main(["-d", "994", "-c", "3d_fullres", "-np", "1"]) == 0
+    script = tmp_path / "dying_rank.py"
+    script.write_text(DYING_RANK)
+    env = dict(os.environ, nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0", MFS_DDP_TIMEOUT="60", DIE_AFTER_S="25")
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", str(script), "994", "3d_fullres", "0",
+           "-tr", "MedFlowSegTrainer_demo", "-device", "cpu", "--quiet"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    log = run.stdout + run.stderr
+    assert run.returncode != 0, log[-3000:]
+    assert "exitcode  : 17" in log or "exitcode: 17" in log or "exit code 17" in log.lower(), log[-3000:]
