@@ -133,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-tr", default=DEFAULT_TRAINER, help=f"trainer class (default {DEFAULT_TRAINER})")
     p.add_argument("-p", default=DEFAULT_PLANS, help=f"plans identifier (default {DEFAULT_PLANS})")
     p.add_argument("-pretrained_weights", default=None)
-    p.add_argument("-num_gpus", type=int, default=1)
+    p.add_argument("-num_gpus", type=int, default=1,
+                   help="start N DDP processes on this machine (nccl on cuda, gloo on cpu); for several machines "
+                        "use torchrun")
     p.add_argument("--npz", action="store_true", help="export softmax probabilities of the final validation")
     p.add_argument("--c", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--val", action="store_true", help="only run the final validation")
