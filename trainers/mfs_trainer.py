@@ -165,8 +165,9 @@ class MedFlowSegTrainer(nnUNetTrainer):
         if self.aux_seg_loss is None or len(outputs) == 1:
             return losses
         at_zero = t <= self.flow_config.zero_width
+        # no sample at t = 0: a zero that still reaches every head (DDP expects a gradient for each parameter)
         aux = self.aux_seg_loss([o[at_zero] for o in outputs], [s[at_zero] for s in target]) \
-            if bool(at_zero.any()) else outputs[0].new_zeros(())
+            if bool(at_zero.any()) else sum(0.0 * o.sum() for o in outputs[1:])
         return {**losses, "loss": losses["loss"] + self.flow_config.seg_weight * aux, "aux": aux.detach()}
 
     def _to_device(self, target: Target) -> Target:
