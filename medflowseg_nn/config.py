@@ -24,7 +24,10 @@ class NetworkOptions:
 
     ``dbsa_stages`` / ``faa_stages``: ``None`` = the default placement, ``[]`` = module off.
     ``deep_supervision``: 1x1 seg heads on the decoder stages below full resolution, trained with Dice + CE on
-    the one-step estimate at t = 0 (``MedFlowSegTrainer``); the heads are kept (unused) at inference.
+    the one-step estimate at t = 0 (``MedFlowSegTrainer``); the heads are kept (unused) at inference. On by
+    default since 2026-12-02 (bench_value: one-step Dice 0.290 → 0.378, ROI ECE 0.128 → 0.098, 2 seeds); a
+    ``network`` block written before the option existed (no ``deep_supervision`` key) means off, so models and
+    plans made before keep their meaning.
     """
 
     use_dbsa: bool = True
@@ -34,7 +37,7 @@ class NetworkOptions:
     time_embed_dim: int = 128
     cond_features_divisor: int = 4
     faa_num_bands: int = 8
-    deep_supervision: bool = False
+    deep_supervision: bool = True
 
     def resolved(self, n_stages: int) -> "NetworkOptions":
         """The same options with the default placements written out for a network of ``n_stages`` stages, so
@@ -107,6 +110,8 @@ class FlowMatchingConfig:
         net_names = {f.name for f in dataclasses.fields(NetworkOptions)}
         if set(net) - net_names:
             raise ValueError(f"unknown keys in flow_matching.network: {sorted(set(net) - net_names)}")
+        if net:  # a network block written before the option existed meant "off" (see NetworkOptions)
+            net.setdefault("deep_supervision", False)
         return cls(network=NetworkOptions(**net), **d)
 
     @classmethod

@@ -9,7 +9,7 @@ plans), the objective (:class:`FlowMatchingLoss` on x_t = (1 − t) x0 + t x1), 
 one-step inference from a seeded prior, plus a multi-step Dice on the first batches) and the predictor used
 for the final validation (:class:`MedFlowSegPredictor`).
 
-Deep supervision follows the plans (``flow_matching.network.deep_supervision``, off by default): when on,
+Deep supervision follows the plans (``flow_matching.network.deep_supervision``, on by default for new plans): when on,
 nnU-Net's dataloaders deliver the list of downsampled targets and the network's auxiliary heads get nnU-Net's
 Dice + CE with nnU-Net's weights (:meth:`MedFlowSegTrainer._build_aux_seg_loss`) on the samples at t = 0 only;
 the flow loss stays on the full-resolution output.

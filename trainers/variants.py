@@ -59,5 +59,11 @@ class MedFlowSegTrainer_velocityUniformTime(MedFlowSegTrainer):
 
 class MedFlowSegTrainer_deepSupervision(MedFlowSegTrainer):
     """Deep supervision: 1x1 heads on the decoder stages below full resolution, nnU-Net's Dice + CE and weights
-    on the samples at t = 0 (see ``MedFlowSegTrainer._flow_loss``)."""
+    on the samples at t = 0 (see ``MedFlowSegTrainer._flow_loss``). The default since 2026-12-02; this variant
+    forces it on for plans that say otherwise (e.g. planned before)."""
     network_overrides = {"deep_supervision": True}
+
+
+class MedFlowSegTrainer_noDeepSupervision(MedFlowSegTrainer):
+    """The single full-resolution output, as before 2026-12-02 (no auxiliary heads)."""
+    network_overrides = {"deep_supervision": False}

@@ -39,7 +39,8 @@ def predict_into(model, inputs, out, fold: str, *extra: str) -> int:
 
 @pytest.fixture(scope="module")
 def folds(tmp_path_factory):
-    """One trained fold predicting 2 training images with seeds 0 and 10, K = 2 samples and uncertainty maps."""
+    """One trained fold predicting 2 training images with (seed 0, 1 step) and (seed 10, 3 Euler steps), K = 2
+    samples and uncertainty maps (a smoke model's one-step samples may not depend on the seed at all)."""
     root = tmp_path_factory.mktemp("ensemble_cli")
     with pytest.MonkeyPatch.context() as mp:
         set_nnunet_env(root, mp)
@@ -49,9 +50,9 @@ def folds(tmp_path_factory):
         for f in sorted((raw / "imagesTr").iterdir())[:2]:
             shutil.copy(f, inputs)
         preds = [root / f"pred_seed{s}" for s in (0, 10)]
-        for seed, out in zip(("0", "10"), preds):
+        for (seed, steps), out in zip((("0", "1"), ("10", "3")), preds):
             assert predict_into(model, inputs, out, "0", "--save_uncertainty", "--num_samples", "2",
-                                "--seed", seed) == 0
+                                "--seed", seed, "--steps", steps) == 0
         cases = sorted(f.name[: -len("_0000.nii.gz")] for f in inputs.iterdir())
         yield SimpleNamespace(root=root, raw=raw, model=model, inputs=inputs, preds=preds, cases=cases)
 

@@ -20,7 +20,8 @@ from medflowseg_nn.config import FlowMatchingConfig
 from medflowseg_nn.model import build_vector_field
 from medflowseg_nn.synthetic import make_synthetic_dataset
 from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer
-from medflowseg_nn.trainers.variants import MedFlowSegTrainer_deepSupervision
+from medflowseg_nn.trainers.variants import (MedFlowSegTrainer_deepSupervision,
+                                              MedFlowSegTrainer_noDeepSupervision)
 from tests.conftest import set_nnunet_env
 
 CONFIG = "3d_fullres"
@@ -61,13 +62,14 @@ def test_variant_builds_heads_on_fresh_plans_and_records_the_option(planned):
     pm = PlansManager(plans)
     cm = pm.get_configuration(CONFIG)
     ds = MedFlowSegTrainer_deepSupervision.build_network_architecture(pm, cm, 1, NUM_CLASSES)
-    plain = MedFlowSegTrainer.build_network_architecture(pm, cm, 1, NUM_CLASSES)
+    plain = MedFlowSegTrainer_noDeepSupervision.build_network_architecture(pm, cm, 1, NUM_CLASSES)
     assert len(ds.aux_heads) == 2 and ds.deep_supervision and len(plain.aux_heads) == 0
     # nnU-Net's predictor asks for no deep supervision: same heads (strict loading), list output off
     off = MedFlowSegTrainer_deepSupervision.build_network_architecture(pm, cm, 1, NUM_CLASSES, False)
     assert len(off.aux_heads) == 2 and not off.deep_supervision
     assert plans == four_stage_plans(planned)  # pure
-    assert not FlowMatchingConfig.from_plans(plans).network.deep_supervision
+    assert FlowMatchingConfig.from_plans(plans).network.deep_supervision  # the planner's default (on)
+    assert len(MedFlowSegTrainer.build_network_architecture(pm, cm, 1, NUM_CLASSES).aux_heads) == 2
 
 
 def test_aux_weights_are_nnunets(planned):
@@ -84,7 +86,7 @@ def test_aux_weights_are_nnunets(planned):
     assert trainer.aux_seg_loss.weight_factors == (0.0, *nnunet_loss.weight_factors[1:])
     assert trainer.aux_seg_loss.weight_factors[1] == pytest.approx(1 / 3)
     assert type(trainer.aux_seg_loss.loss) is type(nnunet_loss.loss)
-    assert make_trainer(planned, MedFlowSegTrainer).aux_seg_loss is None
+    assert make_trainer(planned, MedFlowSegTrainer_noDeepSupervision).aux_seg_loss is None
 
 
 def test_train_step_with_list_targets_and_aux_loss_at_t0_only(planned):

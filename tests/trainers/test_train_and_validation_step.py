@@ -18,10 +18,18 @@ from medflowseg_nn.cli import plan_and_preprocess
 from medflowseg_nn.flow.path import LinearPath
 from medflowseg_nn.synthetic import make_synthetic_dataset
 from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer
-from medflowseg_nn.trainers.variants import MedFlowSegTrainer_velocity
+from medflowseg_nn.trainers.variants import MedFlowSegTrainer_noDeepSupervision, MedFlowSegTrainer_velocity
 from tests.conftest import set_nnunet_env
 
 CONFIG = "3d_fullres"
+
+
+class VelocityNoDeepSupervision(MedFlowSegTrainer_velocity):
+    """The velocity variant on a single full-resolution target (deep supervision is tested on its own)."""
+    network_overrides = {"deep_supervision": False}
+
+
+SINGLE_TARGET = [MedFlowSegTrainer_noDeepSupervision, VelocityNoDeepSupervision]
 NUM_CLASSES = 3
 
 
@@ -52,7 +60,7 @@ def real_batches(trainer) -> tuple[dict, dict]:
     return next(train_loader), next(val_loader)
 
 
-@pytest.mark.parametrize("cls", [MedFlowSegTrainer, MedFlowSegTrainer_velocity], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", SINGLE_TARGET, ids=lambda c: c.__name__)
 def test_train_step_returns_the_batch_loss_and_updates_the_network(planned, cls):
     trainer = make_trainer(planned, cls)
     batch, _ = real_batches(trainer)
@@ -97,7 +105,7 @@ def hand_stats(pred: torch.Tensor, seg: torch.Tensor) -> np.ndarray:
     return np.array(rows, dtype=np.float64).T
 
 
-@pytest.mark.parametrize("cls", [MedFlowSegTrainer, MedFlowSegTrainer_velocity], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", SINGLE_TARGET, ids=lambda c: c.__name__)
 def test_validation_step_is_one_step_inference_from_the_seeded_prior(planned, cls):
     trainer = make_trainer(planned, cls)
     _, batch = real_batches(trainer)
