@@ -39,7 +39,8 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json, load_pickle, save_json
 
 from medflowseg_nn.errors import UserError
-from medflowseg_nn.inference.export import PARTIAL_DIR, CaseArrays, write_case
+from medflowseg_nn.inference.export import CaseArrays, remove_empty_partial_dirs, write_case
+from medflowseg_nn.inference.runner import UNCERTAINTY_SUBFOLDER, CaseJob, ExportOptions, case_outputs
 from medflowseg_nn.inference.uncertainty import pairwise_disagreement, predictive_entropy
 
 logger = logging.getLogger(__name__)
@@ -78,8 +79,18 @@ def member_json(folder: str, name: str) -> dict:
     return load_json(path)
 
 
-def has_uncertainty(folder: str, case: str) -> bool:
-    return all(os.path.isfile(os.path.join(folder, "uncertainty", f"{case}_{k}.nii.gz")) for k in UNCERTAINTY_KINDS)
+def output_paths(folder: str, case: str, file_ending: str, with_uncertainty: bool = False,
+                 save_probabilities: bool = False) -> dict[str, str]:
+    """A case's files in a prediction folder, laid out as ``mfs_predict`` writes them (:func:`case_outputs`)."""
+    options = ExportOptions(save_probabilities=save_probabilities,
+                            uncertainty_folder=os.path.join(folder, UNCERTAINTY_SUBFOLDER) if with_uncertainty
+                            else None)
+    return case_outputs(CaseJob(case, (), os.path.join(folder, case)), file_ending, options)
+
+
+def has_uncertainty(folder: str, case: str, file_ending: str) -> bool:
+    paths = output_paths(folder, case, file_ending, with_uncertainty=True)
+    return all(os.path.isfile(paths[k]) for k in UNCERTAINTY_KINDS)
 
 
 def plan_ensemble(input_folders: Sequence[str], output_folder: str,
@@ -112,8 +123,8 @@ def plan_ensemble(input_folders: Sequence[str], output_folder: str,
     skipped = sorted(set.union(*per_folder) - set(common))
     if skipped:
         logger.warning("skipping %d case(s) not in every input folder: %s", len(skipped), ", ".join(skipped[:10]))
-    with_uncertainty = all(has_uncertainty(d, c) for d in input_folders for c in common)
     ending = dataset_json["file_ending"]
+    with_uncertainty = all(has_uncertainty(d, c, ending) for d in input_folders for c in common)
     cases = []
     for case in common:
         files = tuple(os.path.join(d, case + ".npz") for d in input_folders)
@@ -126,15 +137,8 @@ def plan_ensemble(input_folders: Sequence[str], output_folder: str,
             raise UserError(f"case {case}: the members' probabilities differ in shape ("
                             f"{', '.join(f'{f}: {s}' for f, s in zip(files, shapes))}) — ensemble predictions of "
                             "the same images and label set only")
-        truncated = os.path.join(output_folder, case)
-        outputs = {}
-        if with_uncertainty:
-            outputs.update({k: os.path.join(output_folder, "uncertainty", f"{case}_{k}.nii.gz")
-                            for k in UNCERTAINTY_KINDS})
-        if save_probabilities:
-            outputs.update(npz=truncated + ".npz", pkl=truncated + ".pkl")
-        outputs["seg"] = truncated + ending
-        cases.append(EnsembleCase(case, files, outputs))
+        cases.append(EnsembleCase(case, files, output_paths(output_folder, case, ending, with_uncertainty,
+                                                            save_probabilities)))
     return cases, dataset_json, plans
 
 
@@ -186,7 +190,7 @@ def ensemble_folders(input_folders: Sequence[str], output_folder: str, save_prob
         cases = [c for c in cases if not all(map(os.path.isfile, c.outputs.values()))]
     os.makedirs(output_folder, exist_ok=True)
     if any("entropy" in c.outputs for c in cases):
-        os.makedirs(os.path.join(output_folder, "uncertainty"), exist_ok=True)
+        os.makedirs(os.path.join(output_folder, UNCERTAINTY_SUBFOLDER), exist_ok=True)
     else:
         logger.info("not every member has uncertainty maps (mfs_predict --save_uncertainty): none are written")
     save_json(dataset_json, os.path.join(output_folder, "dataset.json"), sort_keys=False)
@@ -199,9 +203,6 @@ def ensemble_folders(input_folders: Sequence[str], output_folder: str, save_prob
     else:
         with multiprocessing.get_context("spawn").Pool(min(num_processes, len(cases))) as pool:
             pool.starmap(merge_case, args)
-    for folder in (output_folder, os.path.join(output_folder, "uncertainty")):
-        partial = os.path.join(folder, PARTIAL_DIR)
-        if os.path.isdir(partial) and not os.listdir(partial):
-            os.rmdir(partial)
+    remove_empty_partial_dirs((output_folder, os.path.join(output_folder, UNCERTAINTY_SUBFOLDER)))
     return [c.case for c in cases]
 

@@ -87,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging(args.verbose)
     if args.m is None and args.d is None:
         raise UserError("give the model as -m MODEL_FOLDER or as -d DATASET [-c CONFIG -tr TRAINER -p PLANS]")
-    from medflowseg_nn.inference.runner import ExportOptions, PredictionSettings, predict_folder
+    from medflowseg_nn.inference.runner import UNCERTAINTY_SUBFOLDER, ExportOptions, PredictionSettings, predict_folder
 
     if args.steps is not None and args.steps < 1 or args.num_samples < 1:
         raise UserError("--steps and --num_samples must be >= 1")
@@ -96,8 +96,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model = args.m or model_folder_from_args(args.d, args.c, args.tr, args.p)
     if not os.path.isdir(model):
         raise UserError(f"model folder {model} does not exist")
-    uncertainty = None if args.save_uncertainty is None else args.save_uncertainty or os.path.join(args.o,
-                                                                                                   "uncertainty")
+    uncertainty = None
+    if args.save_uncertainty is not None:
+        uncertainty = args.save_uncertainty or os.path.join(args.o, UNCERTAINTY_SUBFOLDER)
     settings = PredictionSettings(
         folds=None if args.f is None else tuple(args.f), checkpoint=args.chk, step_size=args.step_size,
         disable_tta=args.disable_tta, device=pick_device(args.device), steps=args.steps, solver=args.solver,

@@ -54,6 +54,15 @@ def case_arrays(logits: ArrayLike, properties: dict, plans_manager, configuratio
                       predictive_entropy(probs) if with_entropy else None, dis)
 
 
+def remove_empty_partial_dirs(folders) -> None:
+    """Remove ``<folder>/.mfs_partial/`` of each folder when a run left it empty (files of interrupted cases
+    stay, and are redone by the next run)."""
+    for folder in folders:
+        partial = os.path.join(folder, PARTIAL_DIR)
+        if os.path.isdir(partial) and not os.listdir(partial):
+            os.rmdir(partial)
+
+
 def write_case(arrays: CaseArrays, paths: Mapping[str, str], properties: dict, write_seg,
                overlay=None) -> None:
     """Write the files named in ``paths`` (kinds ``entropy``, ``disagreement``, ``png``, ``npz``, ``pkl``,

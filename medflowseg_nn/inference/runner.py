@@ -25,10 +25,12 @@ from batchgenerators.utilities.file_and_folder_operations import save_json
 
 from medflowseg_nn import nnunet_compat
 from medflowseg_nn.errors import UserError, one_line
-from medflowseg_nn.inference.export import PARTIAL_DIR, case_arrays, write_case
+from medflowseg_nn.inference.export import case_arrays, remove_empty_partial_dirs, write_case
 from medflowseg_nn.inference.predictor import MedFlowSegPredictor
 
 logger = logging.getLogger(__name__)
+#: ``--save_uncertainty`` without a folder writes the maps here, inside the output folder
+UNCERTAINTY_SUBFOLDER = "uncertainty"
 
 
 @dataclass(frozen=True)
@@ -265,8 +267,5 @@ def predict_folder(input_folder: str, output_folder: str, model_folder: str,
     if todo:
         failures.update(predict_cases(predictor, todo, options, s.num_processes_preprocessing,
                                       s.num_processes_export))
-    for folder in folders:
-        partial = os.path.join(folder, PARTIAL_DIR)
-        if os.path.isdir(partial) and not os.listdir(partial):
-            os.rmdir(partial)
+    remove_empty_partial_dirs(folders)
     return dict(sorted(failures.items()))

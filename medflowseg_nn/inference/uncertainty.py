@@ -27,15 +27,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from medflowseg_nn import calibration
+
 ArrayLike = Union[np.ndarray, Tensor]
 
 
-def predictive_entropy(probabilities: ArrayLike, eps: float = 1e-12) -> np.ndarray:
-    """``probabilities [C, *S]`` (summing to 1 over C) → entropy ``[*S]`` float32 in nats."""
-    p = torch.as_tensor(np.asarray(probabilities) if not isinstance(probabilities, Tensor) else probabilities)
-    p = p.float().clamp_min(0)
-    h = -(p * torch.log(p.clamp_min(eps))).sum(0)
-    return h.clamp_min(0).cpu().numpy().astype(np.float32)
+def predictive_entropy(probabilities: ArrayLike) -> np.ndarray:
+    """``probabilities [C, *S]`` (summing to 1 over C) → entropy ``[*S]`` float32 in nats (0 log 0 = 0; computed
+    in float64 by :func:`medflowseg_nn.calibration.predictive_entropy`, the one implementation)."""
+    p = probabilities.detach().cpu().numpy() if isinstance(probabilities, Tensor) else np.asarray(probabilities)
+    return np.maximum(calibration.predictive_entropy(p), 0).astype(np.float32)
 
 
 def pairwise_disagreement(labels: Tensor, num_classes: int) -> Tensor:
