@@ -165,9 +165,11 @@ class MedFlowSegTrainer(nnUNetTrainer):
         if self.aux_seg_loss is None or len(outputs) == 1:
             return losses
         at_zero = t <= self.flow_config.zero_width
-        # no sample at t = 0: a zero that still reaches every head (DDP expects a gradient for each parameter)
-        aux = self.aux_seg_loss([o[at_zero] for o in outputs], [s[at_zero] for s in target]) \
-            if bool(at_zero.any()) else sum(0.0 * o.sum() for o in outputs[1:])
+        # a zero that reaches every head: DDP expects a gradient for each parameter, and nnU-Net's wrapper skips
+        # the heads whose weight is 0 (the lowest scale) as well as everything when no sample is at t = 0
+        reach_all = sum(0.0 * o.sum() for o in outputs[1:])
+        aux = reach_all + self.aux_seg_loss([o[at_zero] for o in outputs], [s[at_zero] for s in target]) \
+            if bool(at_zero.any()) else reach_all
         return {**losses, "loss": losses["loss"] + self.flow_config.seg_weight * aux, "aux": aux.detach()}
 
     def _to_device(self, target: Target) -> Target:

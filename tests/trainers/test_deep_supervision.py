@@ -116,6 +116,15 @@ def test_train_step_with_list_targets_and_aux_loss_at_t0_only(planned):
     assert later["aux"] == 0  # t > 0: x_t shows the label, the heads are not trained there
     assert at_zero["loss"] == pytest.approx((at_zero["mse"] + at_zero["seg"] + at_zero["aux"]).item(), rel=1e-5)
 
+    # DDP (find_unused_parameters=False) needs a gradient for every parameter, also the lowest head whose weight
+    # nnU-Net sets to 0 and every head when no sample is at t = 0
+    for value in (0.0, 0.5):
+        trainer.time_sampler = Fixed(value)
+        trainer.network.zero_grad(set_to_none=True)
+        trainer._flow_loss(batch["data"], target)["loss"].backward()
+        unused = [n for n, p in trainer.network.named_parameters() if p.requires_grad and p.grad is None]
+        assert not unused, (value, unused)
+
     # validation: eval mode, full-resolution target of the list
     trainer.val_multistep_steps = 1
     trainer.on_validation_epoch_start()
