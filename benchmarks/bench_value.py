@@ -146,6 +146,20 @@ def select_setting(trainer, args: argparse.Namespace, cases: list[str], inputs) 
     return next((n, s, st) for n, s, st, _ in SINGLE if n == best)
 
 
+def fit_run_temperature(predictor, args: argparse.Namespace, cases: list[str], inputs) -> float:
+    """Temperature of one run (model + sampler setting), fitted on fold-0 VALIDATION cases in their reference ROI
+    (``medflowseg_nn.temperature``); the test set is never seen."""
+    from medflowseg_nn.calibration import reference_roi
+    from medflowseg_nn.temperature import fit_temperature
+    probs, refs, rois = [], [], []
+    for case in cases:
+        data, props, ref, _, _ = inputs(case)
+        probs.append(probabilities(predictor, data, props, args.threads)[0])
+        refs.append(ref)
+        rois.append(reference_roi(ref, args.roi_dilation))
+    return fit_temperature(probs, refs, rois)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-d", default="4", help="dataset id or name (default 4 = Dataset004_Hippocampus)")
@@ -161,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_test_cases", type=int, default=None, help="predict only the first K test cases (smoke)")
     p.add_argument("--select_cases", type=int, default=8, help="fold-0 validation cases that pick K=4's setting")
     p.add_argument("--roi_dilation", type=int, default=3)
+    p.add_argument("--no_temperature", action="store_true", help="skip the temperature-scaled (+ T) rows")
     p.add_argument("--no_save", action="store_true", help="do not write CASE.npz / CASE.nii.gz per run")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--n_proc_da", default="1", help="nnUNet_n_proc_DA (augmentation workers) for training")
@@ -177,6 +192,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     C.setup_env(args.work, n_proc_da=args.n_proc_da)
     import SimpleITK as sitk
     import torch
+    from medflowseg_nn.temperature import apply_temperature
     torch.set_num_threads(args.threads)
     args.budget_tag = f"e{args.epochs}i{args.iterations_per_epoch}b{args.batch_size}"
     t_start = time.perf_counter()
@@ -226,9 +242,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for label, solver, steps, k in ours_settings:
             runs[f"ours_{label}_s{seed}".replace(" ", "_")] = (
                 f"ours {label}", make_predictor(models[f"ours_f0_s{seed}"][0], "ours", args, solver, steps, k))
+    # temperature scaling (+ T rows): one T per run, fitted on the selection cases (fold-0 validation)
+    calibrated = {"nnU-Net single (fold 0)", "ours 1 step", "ours K=4 1 step", f"ours K=4 {best_name}"}
+    temps = {rid: fit_run_temperature(pred, args, sel_cases, inputs) for rid, (row, pred) in runs.items()
+             if row in calibrated and not args.no_temperature}
+    args.temperatures = temps
+    logger.info("temperatures %s", temps)
     ens_id = f"nnunet_ensemble_{len(args.ensemble_folds)}folds"
     scores = {rid: RunScores(labels, args.roi_dilation) for rid, (row, _) in runs.items() if row}
     scores[ens_id] = RunScores(labels, args.roi_dilation)
+    scores.update({f"{rid}+T": RunScores(labels, args.roi_dilation) for rid in temps})
     pred_root = None if args.no_save else args.work / "value_predictions"
     member_ids = [f"nnunet_single_s{s0}" if f == 0 else f"nnunet_f{f}_s{s0}" for f in args.ensemble_folds]
     for i, case in enumerate(test):
@@ -242,14 +265,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if row:
                 d = scores[rid].add(case, probs, ref, spacing, sec, pred_root and pred_root / rid, img)
                 logger.info("%s [%d/%d] %s: Dice %.3f, %.2f s", case, i + 1, len(test), rid, d, sec)
+            if rid in temps:
+                scores[f"{rid}+T"].add(case, apply_temperature(probs, temps[rid]), ref, spacing, sec, None, img)
         scores[ens_id].add(case, np.mean(member_probs, axis=0), ref, spacing, member_s,
                            pred_root and pred_root / ens_id, img)
     results: dict[str, list[dict]] = {}
     rows_of = {rid: row for rid, (row, _) in runs.items() if row}
     rows_of[ens_id] = f"nnU-Net ensemble ({len(args.ensemble_folds)} folds, softmax mean)"
+    rows_of.update({f"{rid}+T": f"{rows_of[rid]} + T" for rid in temps})
     for rid, sc in scores.items():
         results.setdefault(rows_of[rid], []).append({"run": rid, **sc.summary()})
     order = [rows_of[f"nnunet_single_s{s0}"], rows_of[ens_id]] + [f"ours {s[0]}" for s in ours_settings]
+    order = [r for m in order for r in (m, f"{m} + T") if r in results]
     results = {m: results[m] for m in order}
     seg_table, cal_table = tables(results)
     total_s = time.perf_counter() - t_start
@@ -264,7 +291,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{args.roi_dilation} voxels (cube)\n{cal_table}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": "value", "machine": info, "args": {k: str(v) for k, v in vars(args).items()},
-               "test_cases": test, "splits": splits, "selection": args.selection,
+               "test_cases": test, "splits": splits, "selection": args.selection, "temperatures": temps,
                "train_s": {k: v[1] for k, v in models.items()}, "total_s": total_s, "results": results,
                "per_case": {rid: sc.cases for rid, sc in scores.items()}, "head": head, "table_segmentation":
                seg_table, "table_calibration": cal_table}

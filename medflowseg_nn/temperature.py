@@ -1,0 +1,107 @@
+"""Temperature scaling of predicted class probabilities (Guo et al. 2017), fitted on validation cases.
+
+One scalar T > 0 for a model: ``p_T = softmax(log p / T)`` (T > 1 softens, T < 1 sharpens; the argmax, hence the
+segmentation and its Dice, never changes). It is fitted by minimising the mean negative log-likelihood of the
+reference labels over the validation voxels that the caller selects (e.g. the reference ROI of
+:func:`medflowseg_nn.calibration.reference_roi`, so that the background far from any structure does not dominate).
+Working on probabilities rather than logits is exact for everything nnU-Net exports: its probabilities are the
+softmax of the logits the sliding window accumulated, and ``log softmax(z) = z - const`` per voxel.
+
+Own code rather than a library: torchmetrics and MONAI measure calibration but fit no temperature; the fit is a
+1-D bounded minimisation (``scipy.optimize.minimize_scalar`` over log T). Imports no nnunetv2.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+
+from medflowseg_nn.errors import UserError
+
+__all__ = ["apply_temperature", "fit_temperature", "save_temperature", "load_temperature", "TEMPERATURE_FILE",
+           "T_BOUNDS"]
+logger = logging.getLogger(__name__)
+TEMPERATURE_FILE = "temperature.json"
+T_BOUNDS = (0.05, 20.0)
+_EPS = 1e-12
+_MAX_VOXELS = 2_000_000  # the fit subsamples (seeded) beyond this many voxels: the optimum moves < 1e-3
+
+
+def _log(p: np.ndarray) -> np.ndarray:
+    return np.log(np.clip(p, _EPS, None))
+
+
+def apply_temperature(probabilities: np.ndarray, temperature: float, axis: int = 0) -> np.ndarray:
+    """``probabilities`` [C, *S] (summing to 1 over ``axis``) → ``softmax(log p / T)`` of the same shape, float32."""
+    if not temperature > 0:
+        raise UserError(f"temperature must be > 0, got {temperature}")
+    z = _log(np.asarray(probabilities, dtype=np.float64)) / temperature
+    z -= z.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
+
+
+def _nll(log_p: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    """Mean NLL of ``labels`` [N] under ``softmax(log_p / T)``; ``log_p`` [N, C]."""
+    z = log_p / temperature
+    z = z - z.max(1, keepdims=True)
+    log_norm = np.log(np.exp(z).sum(1))
+    return float(np.mean(log_norm - z[np.arange(len(labels)), labels]))
+
+
+def fit_temperature(probabilities: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+                    masks: Optional[Sequence[np.ndarray]] = None, seed: int = 0) -> float:
+    """The T in :data:`T_BOUNDS` minimising the mean NLL over the selected voxels of all cases.
+
+    ``probabilities[i]`` [C, *S_i]; ``labels[i]`` [*S_i] integers in 0..C-1; ``masks[i]`` [*S_i] bool (all voxels
+    when ``None``). At most 2 million voxels enter the fit (a seeded uniform subsample)."""
+    if not probabilities or len(probabilities) != len(labels) or (masks is not None and len(masks) != len(labels)):
+        raise UserError("fit_temperature needs as many probability arrays as label arrays (and masks), at least one")
+    rows, ys = [], []
+    for i, (p, y) in enumerate(zip(probabilities, labels)):
+        if p.shape[1:] != y.shape:
+            raise UserError(f"case {i}: probabilities {p.shape} do not match labels {y.shape}")
+        m = np.ones(y.shape, bool) if masks is None else np.asarray(masks[i], bool)
+        rows.append(np.moveaxis(p, 0, -1)[m])
+        ys.append(np.asarray(y)[m].astype(np.int64))
+    p_all, y_all = np.concatenate(rows), np.concatenate(ys)
+    if len(y_all) == 0:
+        raise UserError("fit_temperature: no voxel selected")
+    if len(y_all) > _MAX_VOXELS:
+        keep = np.random.default_rng(seed).choice(len(y_all), _MAX_VOXELS, replace=False)
+        p_all, y_all = p_all[keep], y_all[keep]
+    log_p = _log(p_all.astype(np.float64))
+    res = minimize_scalar(lambda s: _nll(log_p, y_all, float(np.exp(s))), bounds=np.log(T_BOUNDS),
+                          method="bounded", options={"xatol": 1e-4})
+    temperature = float(np.exp(res.x))
+    logger.info("temperature %.4f (NLL %.4f at T = 1 -> %.4f) on %d voxels", temperature,
+                _nll(log_p, y_all, 1.0), float(res.fun), len(y_all))
+    return temperature
+
+
+def save_temperature(folder: str, temperature: float, fitted_on: dict) -> str:
+    """Write ``folder/temperature.json`` ({"temperature", "fitted_on"}) atomically; returns its path."""
+    path = os.path.join(folder, TEMPERATURE_FILE)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"temperature": float(temperature), "fitted_on": fitted_on}, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def load_temperature(folder: str) -> Optional[float]:
+    """The temperature saved in ``folder`` or ``None`` when there is none; a broken file is a UserError."""
+    path = os.path.join(folder, TEMPERATURE_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        value = float(json.load(open(path))["temperature"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a temperature file ({e}); delete it or refit it") from e
+    if not T_BOUNDS[0] <= value <= T_BOUNDS[1]:
+        raise UserError(f"{path}: temperature {value} outside {T_BOUNDS}")
+    return value
