@@ -29,7 +29,8 @@ class RunScores:
         dices = [dice(ref == c, seg == c) for c in self.labels]
         row = {"dice": dices, "dice_fg": float(np.mean(dices)),
                "hd95": [hd95(ref == c, seg == c, spacing) for c in self.labels], "seconds": seconds,
-               "entropy_all": float(ent.mean()), "entropy_roi": float(ent[roi].mean()) if roi.any() else float("nan")}
+               "entropy_all": float(ent.mean()), "entropy_roi": float(ent[roi].mean()) if roi.any() else float("nan"),
+               "expected_dice_error": cal.expected_dice_error(probs, self.labels)}
         for region, mask in (("all", None), ("roi", roi)):
             one = cal.CalibrationAccumulator()
             one.update(probs, ref, mask)
@@ -60,6 +61,7 @@ class RunScores:
             res = self.acc[region].result()
             out[region] = res.to_dict()
             out[f"spearman_{region}"] = spearman([r[f"entropy_{region}"] for r in rows], err).to_dict()
+        out["spearman_ede"] = spearman([r["expected_dice_error"] for r in rows], err).to_dict()
         return out
 
 
@@ -80,7 +82,8 @@ def tables(results: dict[str, list[dict]]) -> tuple[str, str]:
                          "HD95 mm": fmt(get(lambda r: r["hd95"]), 2), "HD95 inf": sum(get(lambda r: r["hd95_n_inf"])),
                          "s/case": fmt(get(lambda r: r["s_per_case"]), 2),
                          "ρ(H, 1−Dice) roi": fmt(get(lambda r: r["spearman_roi"]["rho"]), 2),
-                         "ρ all": fmt(get(lambda r: r["spearman_all"]["rho"]), 2)})
+                         "ρ all": fmt(get(lambda r: r["spearman_all"]["rho"]), 2),
+                         "ρ(EDE, 1−Dice)": fmt(get(lambda r: r.get("spearman_ede", {}).get("rho")), 2)})
         row = {"method": method}
         for region in ("all", "roi"):
             for key, label in (("ece", "ECE"), ("brier", "Brier"), ("nll", "NLL"), ("aurc", "AURC")):

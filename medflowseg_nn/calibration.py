@@ -44,7 +44,7 @@ EPS = 1e-12
 CHUNK = 1 << 20  # voxels per chunk
 
 __all__ = ["N_BINS", "EPS", "CalibrationResult", "CalibrationAccumulator", "calibration_metrics",
-           "predictive_entropy", "reference_roi", "spearman", "SpearmanResult", "harmonic_difference"]
+           "expected_dice_error", "predictive_entropy", "reference_roi", "spearman", "SpearmanResult", "harmonic_difference"]
 
 
 @dataclass(frozen=True)
@@ -224,6 +224,23 @@ def predictive_entropy(probabilities: np.ndarray) -> np.ndarray:
     p = np.asarray(probabilities, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         return -np.sum(np.where(p > 0, p * np.log(p), 0.0), axis=0)
+
+
+def expected_dice_error(probabilities: np.ndarray, labels: Sequence[int], smooth: float = 1.0) -> float:
+    """A reference-free case-level uncertainty: 1 − the mean over ``labels`` of the soft Dice between the
+    probabilities of label c and the mask where c is the argmax, ``(2 Σ p_c m_c + s) / (Σ p_c + Σ m_c + s)``
+    (``smooth`` s in voxels: a label that is neither predicted nor probable scores 1). ``probabilities`` [C, *S].
+
+    It is what the model expects its own Dice error to be if its probabilities were right (a segmentation quality
+    estimate in the spirit of "predicted Dice"); unlike the mean entropy it weighs uncertainty by the structure's
+    size, as Dice does. Needs no reference, so it can flag cases in deployment."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    seg = p.argmax(0)
+    scores = []
+    for c in labels:
+        m = seg == c
+        scores.append((2 * p[c][m].sum() + smooth) / (p[c].sum() + m.sum() + smooth))
+    return float(1 - np.mean(scores))
 
 
 def reference_roi(reference: np.ndarray, dilation: int = 3) -> np.ndarray:

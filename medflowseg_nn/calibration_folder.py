@@ -8,7 +8,8 @@ voxel by voxel; a transposed array is rejected by the shape check (unless the im
 
 Per case and pooled over all cases (exact, see :mod:`medflowseg_nn.calibration`): ECE, Brier, NLL, AURC, over all
 voxels and over the ROI = reference foreground dilated by ``roi_dilation`` voxels (cube). Case level: Spearman
-between each case's mean predictive entropy (over the ROI, and over the image) and 1 - its mean foreground Dice.
+between each case's mean predictive entropy (over the ROI, and over the image) and 1 - its mean foreground Dice,
+and between its expected Dice error (``calibration.expected_dice_error``, reference-free) and 1 - that Dice.
 The Dice comes from ``case_dice`` (the CLI passes the Dice of the segmentation files in ``-pred`` computed by
 :func:`medflowseg_nn.evaluation.evaluate_folder`, i.e. the segmentation that is actually evaluated); without it,
 from the argmax of the probabilities (mean over labels 1 .. C-1, ``evaluation.dice``).
@@ -24,8 +25,8 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
-from medflowseg_nn.calibration import (N_BINS, CalibrationAccumulator, predictive_entropy, reference_roi,
-                                       spearman)
+from medflowseg_nn.calibration import (N_BINS, CalibrationAccumulator, expected_dice_error, predictive_entropy,
+                                       reference_roi, spearman)
 from medflowseg_nn.errors import UserError
 
 __all__ = ["read_reference", "read_probabilities", "case_foreground_dice", "evaluate_probability_folder",
@@ -83,7 +84,8 @@ def evaluate_probability_folder(ref_dir: str, prob_dir: str, case_dice: Optional
                                 roi_dilation: int = 3, file_ending: str = ".nii.gz",
                                 n_bins: int = N_BINS) -> dict:
     """Calibration of every ``prob_dir/CASE.npz`` against ``ref_dir/CASE{file_ending}``; JSON-ready dict
-    ``{"settings", "n_cases", "dataset": {"all", "roi"}, "spearman": {"roi", "all"}, "per_case"}``.
+    ``{"settings", "n_cases", "dataset": {"all", "roi"}, "spearman": {"roi", "all", "expected_dice_error"},
+    "per_case"}``.
 
     ``case_dice`` (``{case: mean foreground Dice}``) must cover exactly the cases of ``prob_dir``; ``None`` = Dice of
     the argmax. Raises :class:`UserError` for a missing folder, no/unmatched files, a file without
@@ -117,7 +119,8 @@ def evaluate_probability_folder(ref_dir: str, prob_dir: str, case_dice: Optional
         entropy = predictive_entropy(probs)
         row: dict = {"dice_fg": case_dice[case] if case_dice is not None else _argmax_dice(probs, ref),
                      "mean_entropy_all": float(entropy.mean()),
-                     "mean_entropy_roi": float(entropy[roi].mean()) if roi.any() else float("nan")}
+                     "mean_entropy_roi": float(entropy[roi].mean()) if roi.any() else float("nan"),
+                     "expected_dice_error": expected_dice_error(probs, range(1, probs.shape[0]))}
         for region, mask in (("all", None), ("roi", roi)):
             one = CalibrationAccumulator(n_bins)
             one.update(probs, ref, mask)
@@ -127,6 +130,7 @@ def evaluate_probability_folder(ref_dir: str, prob_dir: str, case_dice: Optional
         per_case[case] = row
     err = [1.0 - per_case[c]["dice_fg"] for c in cases]
     rho = {r: spearman([per_case[c][f"mean_entropy_{r}"] for c in cases], err).to_dict() for r in ("roi", "all")}
+    rho["expected_dice_error"] = spearman([per_case[c]["expected_dice_error"] for c in cases], err).to_dict()
     settings = {"n_bins": n_bins, "roi_dilation": roi_dilation, "roi_structure": "cube (Chebyshev ball)",
                 "dice_source": "segmentation files" if case_dice is not None else "argmax of probabilities",
                 "probabilities": os.path.abspath(prob_dir)}
@@ -150,5 +154,9 @@ def format_calibration_table(result: dict) -> str:
     s = result["spearman"]
     lines.append(f"Spearman(mean entropy, 1 - fg Dice) over {s['roi']['n']} case(s): roi rho {f(s['roi']['rho'], 3)} "
                  f"(p {f(s['roi']['p_value'], 3)}), all rho {f(s['all']['rho'], 3)} (p {f(s['all']['p_value'], 3)})")
+    if "expected_dice_error" in s:
+        e = s["expected_dice_error"]
+        lines.append(f"Spearman(expected Dice error, 1 - fg Dice), reference-free: rho {f(e['rho'], 3)} "
+                     f"(p {f(e['p_value'], 3)})")
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from medflowseg_nn import calibration as cal
 from medflowseg_nn.calibration import CalibrationAccumulator, calibration_metrics
-from medflowseg_nn.calibration_folder import evaluate_probability_folder, read_reference
+from medflowseg_nn.calibration_folder import evaluate_probability_folder, format_calibration_table, read_reference
 from medflowseg_nn.errors import UserError
 
 
@@ -214,6 +214,9 @@ def test_folder_pools_cases_and_reports_spearman(tmp_path):
     dice = {f"c{i}": d for i, d in enumerate([0.9, 0.8, 0.7, 0.6])}  # least confident = best: rho = -1
     r2 = evaluate_probability_folder(str(tmp_path), str(tmp_path / "probs"), dice, roi_dilation=1)
     assert r2["spearman"]["all"]["rho"] == pytest.approx(-1.0) and r2["spearman"]["roi"]["n"] == 4
+    ede = [r2["per_case"][f"c{i}"]["expected_dice_error"] for i in range(4)]
+    assert ede == sorted(ede, reverse=True) and r2["spearman"]["expected_dice_error"]["rho"] == pytest.approx(-1.0)
+    assert "expected Dice error" in format_calibration_table(r2)
     with pytest.raises(UserError, match="differ: c3"):
         evaluate_probability_folder(str(tmp_path), str(tmp_path / "probs"), {k: dice[k] for k in ("c0", "c1", "c2")})
 
@@ -246,3 +249,17 @@ def test_folder_user_errors_name_the_file(tmp_path, problem):
     with pytest.raises(UserError, match=expected) as info:
         evaluate_probability_folder(str(tmp_path), prob_dir)
     assert len(str(info.value).splitlines()) == 1
+
+
+def test_expected_dice_error_known_answers():
+    hard = np.zeros((3, 4, 5))
+    hard[0], hard[1, :2], hard[0, :2] = 1, 1, 0  # label 1 on two rows, label 2 absent
+    assert cal.expected_dice_error(hard, [1, 2]) == pytest.approx(0.0)
+    soft = np.zeros((2, 10))
+    soft[1, :4], soft[0, :4] = 0.6, 0.4  # 4 voxels of label 1 at 0.6
+    soft[1, 4:], soft[0, 4:] = 0.1, 0.9  # 6 background voxels at 0.1
+    # (2 * 4 * 0.6 + 1) / (4 * 0.6 + 6 * 0.1 + 4 + 1) = 5.8 / 8
+    assert cal.expected_dice_error(soft, [1]) == pytest.approx(1 - 5.8 / 8)
+    sharper = soft.copy()
+    sharper[1, :4], sharper[0, :4] = 0.9, 0.1
+    assert cal.expected_dice_error(sharper, [1]) < cal.expected_dice_error(soft, [1])
