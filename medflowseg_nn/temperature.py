@@ -22,7 +22,7 @@ from scipy.optimize import minimize_scalar
 
 from medflowseg_nn.errors import UserError
 
-__all__ = ["apply_temperature", "fit_temperature", "save_temperature", "load_temperature", "TEMPERATURE_FILE",
+__all__ = ["apply_temperature", "fit_temperature", "fit_temperature_on_folder", "save_temperature", "load_temperature", "TEMPERATURE_FILE",
            "T_BOUNDS"]
 logger = logging.getLogger(__name__)
 TEMPERATURE_FILE = "temperature.json"
@@ -81,6 +81,26 @@ def fit_temperature(probabilities: Sequence[np.ndarray], labels: Sequence[np.nda
     logger.info("temperature %.4f (NLL %.4f at T = 1 -> %.4f) on %d voxels", temperature,
                 _nll(log_p, y_all, 1.0), float(res.fun), len(y_all))
     return temperature
+
+
+def fit_temperature_on_folder(prob_dir: str, ref_dir: str, file_ending: str = ".nii.gz", roi_dilation: int = 3,
+                              max_cases: Optional[int] = None) -> tuple[float, dict]:
+    """Fit T on every ``prob_dir/CASE.npz`` (nnU-Net's ``probabilities`` [C, *S], e.g. a fold's final validation
+    with ``--npz``) against ``ref_dir/CASE{file_ending}``, in each reference's ROI (foreground dilated by
+    ``roi_dilation`` voxels). Returns T and a JSON-ready description of what it was fitted on."""
+    from medflowseg_nn.calibration import reference_roi
+    from medflowseg_nn.calibration_folder import read_probabilities, read_reference
+    cases = sorted(f[:-4] for f in os.listdir(prob_dir) if f.endswith(".npz"))[:max_cases]
+    if not cases:
+        raise UserError(f"no CASE.npz probabilities in {prob_dir} to fit a temperature on")
+    probs, refs, rois = [], [], []
+    for case in cases:
+        probs.append(read_probabilities(os.path.join(prob_dir, case + ".npz")))
+        refs.append(read_reference(os.path.join(ref_dir, case + file_ending)))
+        rois.append(reference_roi(refs[-1], roi_dilation))
+    temperature = fit_temperature(probs, refs, rois)
+    return temperature, {"cases": cases, "roi_dilation": roi_dilation, "objective": "NLL in the reference ROI",
+                         "probabilities": os.path.abspath(prob_dir)}
 
 
 def save_temperature(folder: str, temperature: float, fitted_on: dict) -> str:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from medflowseg_nn.errors import UserError
-from medflowseg_nn.temperature import (apply_temperature, fit_temperature, load_temperature,
-                                       save_temperature)
+from medflowseg_nn.temperature import (apply_temperature, fit_temperature, fit_temperature_on_folder,
+                                       load_temperature, save_temperature)
 
 
 def softmax(z: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -75,3 +75,24 @@ def test_save_and_load(tmp_path):
     (tmp_path / "temperature.json").write_text('{"temperature": 100}')
     with pytest.raises(UserError, match="outside"):
         load_temperature(str(tmp_path))
+
+
+def test_fit_on_a_folder_of_npz_and_references(tmp_path):
+    import SimpleITK as sitk
+    rng = np.random.default_rng(2)
+    (tmp_path / "probs").mkdir()
+    (tmp_path / "refs").mkdir()
+    direct_p, direct_y, direct_m = [], [], []
+    for i in range(2):
+        z = rng.normal(size=(2, 12, 14, 10)) * 3
+        ref = (rng.random((12, 14, 10)) < softmax(z / 2.0)[1]).astype(np.uint8)
+        np.savez(tmp_path / "probs" / f"c{i}.npz", probabilities=softmax(z).astype(np.float32))
+        sitk.WriteImage(sitk.GetImageFromArray(ref), str(tmp_path / "refs" / f"c{i}.nii.gz"))
+        direct_p.append(softmax(z).astype(np.float32))
+        direct_y.append(ref.astype(np.int64))
+        direct_m.append(np.ones(ref.shape, bool))  # the dilated ROI of a dense random reference is everything
+    t, info = fit_temperature_on_folder(str(tmp_path / "probs"), str(tmp_path / "refs"), roi_dilation=3)
+    assert info["cases"] == ["c0", "c1"] and t > 1.3  # over-confident by construction (labels from z / 2)
+    assert t == pytest.approx(fit_temperature(direct_p, direct_y, direct_m), rel=1e-6)
+    with pytest.raises(UserError, match="no CASE.npz"):
+        fit_temperature_on_folder(str(tmp_path / "refs"), str(tmp_path / "refs"))
