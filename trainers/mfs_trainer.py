@@ -13,6 +13,12 @@ Deep supervision follows the plans (``flow_matching.network.deep_supervision``, 
 nnU-Net's dataloaders deliver the list of downsampled targets and the network's auxiliary heads get nnU-Net's
 Dice + CE with nnU-Net's weights (:meth:`MedFlowSegTrainer._build_aux_seg_loss`) on the samples at t = 0 only;
 the flow loss stays on the full-resolution output.
+
+Label spaces follow nnU-Net's label manager: plain labels (softmax), **regions** (``regions_class_order`` in
+dataset.json: R overlapping binary channels, sigmoid per channel, Dice + BCE, pseudo Dice of ``sigmoid > 0.5``
+per region) and the **ignore label** (``"ignore"`` in dataset.json's labels: ignored voxels add nothing to any
+loss term, their x_t is the prior draw x0 at every t, and the pseudo Dice skips them), also combined
+(:mod:`medflowseg_nn.flow.label_space`).
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ from tqdm import tqdm
 from medflowseg_nn import nnunet_compat
 from medflowseg_nn.config import PLANS_KEY, FlowMatchingConfig
 from medflowseg_nn.errors import UserError
-from medflowseg_nn.flow.label_space import segmentation_to_target
+from medflowseg_nn.flow.label_space import LabelTarget, encode_labels, encode_regions, prior_where_ignored
 from medflowseg_nn.flow.loss import FlowMatchingLoss, interpret_output
 from medflowseg_nn.flow.path import LinearPath
 from medflowseg_nn.flow.solver import sample_prior
@@ -59,14 +65,12 @@ class MedFlowSegTrainer(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        check_label_definition(plans, dataset_json)
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.is_ddp and device.type != "cuda":  # nnU-Net assumes DDP means CUDA; gloo on the CPU works too
             self.device, self.grad_scaler = device, None
         if self.is_ddp:  # every rank draws its own noise and t (torch's default seed is the same in each process)
             torch.manual_seed(torch.initial_seed() + self.local_rank)
-        if self.label_manager.has_regions or self.label_manager.has_ignore_label:
-            raise UserError("MedFlowSegTrainer supports plain label maps only (no regions, no ignore label) — "
-                            "remove 'regions_class_order'/'ignore' from dataset.json")
         self.save_every = 1  # checkpoint_latest after every epoch: an interrupted run loses at most one epoch
         for name, value in self.trainer_overrides.items():
             setattr(self, name, value)
@@ -119,10 +123,12 @@ class MedFlowSegTrainer(nnUNetTrainer):
         """The flow loss on the full-resolution output; also builds :attr:`aux_seg_loss` (``None`` without DS)."""
         c = self.flow_config
         self.aux_seg_loss = self._build_aux_seg_loss()
-        return FlowMatchingLoss(c.parameterization, c.mse_weight, c.seg_weight, c.logit_scale, ddp=self.is_ddp)
+        return FlowMatchingLoss(c.parameterization, c.mse_weight, c.seg_weight, c.logit_scale, ddp=self.is_ddp,
+                                multilabel=self.label_manager.has_regions)
 
     def _build_aux_seg_loss(self) -> Optional[nn.Module]:
-        """nnU-Net's deep-supervision loss (``DeepSupervisionWrapper`` over its ``DC_and_CE_loss``, its weights
+        """nnU-Net's deep-supervision loss (``DeepSupervisionWrapper`` over its ``DC_and_CE_loss``, or
+        ``DC_and_BCE_loss`` for regions, both with nnU-Net's ignore-label handling; its weights
         1/2^i normalised with the lowest scale at 0) with the full-resolution weight set to 0: the full-resolution
         output is trained by the flow loss. ``None`` without deep supervision or when no auxiliary weight is left."""
         if not self.enable_deep_supervision:
@@ -150,18 +156,26 @@ class MedFlowSegTrainer(nnUNetTrainer):
     def _autocast(self):
         return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
 
+    def encode_target(self, target: torch.Tensor) -> LabelTarget:
+        """nnU-Net's full-resolution target — labels ``[B, 1, *S]``, or regions ``[B, R (+1 ignore), *S]`` — in
+        the flow's label space, with the ignore mask (``None`` without an ignore label)."""
+        lm = self.label_manager
+        if lm.has_regions:
+            return encode_regions(target, lm.has_ignore_label)
+        return encode_labels(target, lm.num_segmentation_heads, lm.ignore_label)
+
     def _flow_loss(self, image: torch.Tensor, target: Target) -> dict[str, torch.Tensor]:
-        """``image`` ``[B, C, *S]``; ``target`` ``[B, 1, *S]`` or the deep-supervision list (full resolution
-        first). Flow loss on the full-resolution output; with deep supervision, plus ``seg_weight`` times the
+        """``image`` ``[B, C, *S]``; ``target`` ``[B, 1, *S]`` (regions: ``[B, R (+1), *S]``) or the
+        deep-supervision list (full resolution first). Flow loss on the full-resolution output; with deep supervision, plus ``seg_weight`` times the
         auxiliary Dice + CE of the samples drawn at t = 0 (t ≤ ``zero_width``): there the output is the one-step
         estimate from the image alone, while at t > 0 the label is visible in x_t and a head could copy it."""
-        seg = target[0] if isinstance(target, (list, tuple)) else target
-        x1 = segmentation_to_target(seg, self.label_manager.num_segmentation_heads)
-        t = self.time_sampler.sample(x1.shape[0], device=x1.device)
-        path = self.path.sample(torch.randn_like(x1), x1, t)
+        encoded = self.encode_target(target[0] if isinstance(target, (list, tuple)) else target)
+        x0 = torch.randn_like(encoded.x1)
+        t = self.time_sampler.sample(x0.shape[0], device=x0.device)
+        path = self.path.sample(x0, prior_where_ignored(encoded.x1, x0, encoded.mask), t)
         raw = self.network(image, path.x_t, t)
         outputs = raw if isinstance(raw, (list, tuple)) else [raw]
-        losses = self.loss(outputs[0], path, seg)
+        losses = self.loss(outputs[0], path, encoded.labels, encoded.mask)
         if self.aux_seg_loss is None or len(outputs) == 1:
             return losses
         at_zero = t <= self.flow_config.zero_width
@@ -211,13 +225,20 @@ class MedFlowSegTrainer(nnUNetTrainer):
             self._progress.update()
         return {"loss": loss.detach().cpu().numpy()}
 
-    def _hard_stats(self, logits: torch.Tensor, seg: torch.Tensor) -> np.ndarray:
-        """[3, K-1] foreground tp, fp, fn of the argmax of ``logits`` against ``seg`` ([B, 1, *S])."""
-        onehot = torch.zeros_like(logits, dtype=torch.float32)
-        onehot.scatter_(1, logits.argmax(1, keepdim=True), 1)
+    def _hard_stats(self, logits: torch.Tensor, target: LabelTarget) -> np.ndarray:
+        """``[3, K-1]`` foreground tp, fp, fn of the argmax of ``logits`` against the target, or ``[3, R]`` of
+        ``sigmoid(logits) > 0.5`` per region, ignored voxels left out — nnU-Net's ``validation_step`` rules,
+        counted by its ``get_tp_fp_fn_tn`` with the ignore mask."""
+        regions = self.label_manager.has_regions
+        if regions:
+            predicted, reference = (torch.sigmoid(logits.float()) > 0.5).float(), target.labels
+        else:
+            predicted = torch.zeros_like(logits, dtype=torch.float32)
+            predicted.scatter_(1, logits.argmax(1, keepdim=True), 1)
+            reference = target.labels[:, None]
         axes = [0] + list(range(2, logits.ndim))
-        tp, fp, fn, _ = get_tp_fp_fn_tn(onehot, seg.clamp_min(0), axes=axes)
-        return np.stack([v.detach().cpu().numpy()[1:] for v in (tp, fp, fn)])
+        tp, fp, fn, _ = get_tp_fp_fn_tn(predicted, reference, axes=axes, mask=target.mask)
+        return np.stack([v.detach().cpu().numpy()[0 if regions else 1:] for v in (tp, fp, fn)])
 
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()
@@ -231,22 +252,24 @@ class MedFlowSegTrainer(nnUNetTrainer):
         image = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         seg = (target[0] if isinstance(target, (list, tuple)) else target).to(self.device, non_blocking=True)
-        num_classes = self.label_manager.num_segmentation_heads
+        num_classes, multilabel = self.label_manager.num_segmentation_heads, self.label_manager.has_regions
         with torch.no_grad(), self._autocast():
-            x1 = segmentation_to_target(seg, num_classes)
-            x0 = sample_prior(x1.shape, self.flow_config.prior_seed, self.device)
-            path = self.path.sample(x0, x1, torch.zeros(x1.shape[0], device=self.device))
+            encoded = self.encode_target(seg)
+            x0 = sample_prior(encoded.x1.shape, self.flow_config.prior_seed, self.device)
+            path = self.path.sample(x0, prior_where_ignored(encoded.x1, x0, encoded.mask),
+                                    torch.zeros(x0.shape[0], device=self.device))
             raw = self.network(image, path.x_t, path.t)
-            loss = self.loss(raw, path, seg)["loss"]
+            loss = self.loss(raw, path, encoded.labels, encoded.mask)["loss"]
             logits = interpret_output(raw, path.x_t, path.t, self.flow_config.parameterization,
-                                      self.flow_config.logit_scale).logits
+                                      self.flow_config.logit_scale, multilabel=multilabel).logits
             if self._val_batch_index < self.val_multistep_batches:
                 segmenter = FlowSegmenter(self.network, num_classes, self.flow_config.parameterization,
                                           self.flow_config.solver_config(steps=self.val_multistep_steps),
-                                          self.flow_config.prior_seed, logit_scale=self.flow_config.logit_scale)
-                self._multistep_stats.append(self._hard_stats(segmenter(image), seg))
+                                          self.flow_config.prior_seed, logit_scale=self.flow_config.logit_scale,
+                                          multilabel=multilabel)
+                self._multistep_stats.append(self._hard_stats(segmenter(image), encoded))
         self._val_batch_index += 1
-        tp, fp, fn = self._hard_stats(logits, seg)
+        tp, fp, fn = self._hard_stats(logits, encoded)
         return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp, "fp_hard": fp, "fn_hard": fn}
 
     def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:
@@ -261,3 +284,16 @@ class MedFlowSegTrainer(nnUNetTrainer):
         """nnU-Net's final validation, run through :class:`MedFlowSegPredictor` (one-step inference)."""
         with nnunet_compat.validation_predictor(MedFlowSegPredictor):
             super().perform_actual_validation(save_probabilities)
+
+
+def check_label_definition(plans: dict, dataset_json: dict) -> None:
+    """Build nnU-Net's label manager for ``dataset_json`` (as nnU-Net's trainer will) and turn its assertion
+    into a one-line :class:`UserError` naming the dataset.json key (e.g. an ``ignore`` label that is not the
+    highest label, regions without ``regions_class_order``). Every combination nnU-Net's label manager accepts
+    — plain labels, regions, the ignore label, regions with the ignore label — is trained."""
+    try:
+        PlansManager(plans).get_label_manager(dataset_json)
+    except AssertionError as e:
+        message = " ".join(str(e).split())
+        key = "ignore" if "ignore" in message.lower() else "regions_class_order"
+        raise UserError(f"dataset.json key {key!r} is not usable: {message}") from None

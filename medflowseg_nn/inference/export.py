@@ -20,7 +20,7 @@ from batchgenerators.utilities.file_and_folder_operations import save_pickle
 from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 from torch import Tensor
 
-from medflowseg_nn.inference.uncertainty import predictive_entropy
+from medflowseg_nn.inference.uncertainty import predictive_entropy, region_entropy
 
 ArrayLike = Union[np.ndarray, Tensor]
 PARTIAL_DIR = ".mfs_partial"  #: outputs are written here first, then moved into place
@@ -30,7 +30,8 @@ PARTIAL_DIR = ".mfs_partial"  #: outputs are written here first, then moved into
 class CaseArrays:
     """A case's outputs in the input image's array layout (what nnU-Net's reader returned).
 
-    ``segmentation [*S_orig]``; ``probabilities [C, *S_orig]`` (sum 1 over C), ``entropy [*S_orig]`` (nats) and
+    ``segmentation [*S_orig]``; ``probabilities [C, *S_orig]`` (sum 1 over C; regions: one probability per
+    region), ``entropy [*S_orig]`` (nats; regions: the sum of the per-region binary entropies) and
     ``disagreement [*S_orig]`` (0 … 1) float32, each ``None`` when not requested."""
 
     segmentation: np.ndarray
@@ -42,7 +43,8 @@ class CaseArrays:
 def case_arrays(logits: ArrayLike, properties: dict, plans_manager, configuration_manager, label_manager,
                 disagreement: Optional[ArrayLike] = None, with_probabilities: bool = False,
                 with_entropy: bool = False) -> CaseArrays:
-    """``logits [C, *S]`` (and ``disagreement [*S]``) in nnU-Net's preprocessed geometry → :class:`CaseArrays`."""
+    """``logits [C, *S]`` (and ``disagreement [*S]``) in nnU-Net's preprocessed geometry → :class:`CaseArrays`.
+    The label manager decides softmax or (regions) sigmoid and ``regions_class_order``, as in nnU-Net."""
     logits = logits.cpu().numpy() if isinstance(logits, Tensor) else logits
     need_probs = with_probabilities or with_entropy
     ret = convert_predicted_logits_to_segmentation_with_correct_shape(
@@ -50,8 +52,10 @@ def case_arrays(logits: ArrayLike, properties: dict, plans_manager, configuratio
     seg, probs = ret if need_probs else (ret, None)
     dis = None if disagreement is None else revert_to_original_geometry(disagreement, properties, plans_manager,
                                                                         configuration_manager, (0, 1))
-    return CaseArrays(seg, probs if with_probabilities else None,
-                      predictive_entropy(probs) if with_entropy else None, dis)
+    entropy = None
+    if with_entropy:
+        entropy = region_entropy(probs) if label_manager.has_regions else predictive_entropy(probs)
+    return CaseArrays(seg, probs if with_probabilities else None, entropy, dis)
 
 
 def remove_empty_partial_dirs(folders) -> None:

@@ -55,11 +55,12 @@ class MedFlowSegPredictor(nnUNetPredictor):
     def make_segmenter(self, field: nn.Module, plans_manager: PlansManager, dataset_json: dict) -> FlowSegmenter:
         """Wrap a vector field in the sampler configured by the plans' flow block and this predictor's options."""
         config = FlowMatchingConfig.from_plans(plans_manager.plans)
-        num_classes = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-        return FlowSegmenter(field, num_classes, config.parameterization,
+        label_manager = plans_manager.get_label_manager(dataset_json)
+        return FlowSegmenter(field, label_manager.num_segmentation_heads, config.parameterization,
                              solver=config.solver_config(self.steps, self.solver),
                              seed=config.prior_seed if self.seed is None else self.seed,
-                             num_samples=self.num_samples, logit_scale=config.logit_scale)
+                             num_samples=self.num_samples, logit_scale=config.logit_scale,
+                             multilabel=label_manager.has_regions)
 
     def manual_initialization(self, network: nn.Module, plans_manager: PlansManager,
                               configuration_manager: ConfigurationManager, parameters: Optional[list],

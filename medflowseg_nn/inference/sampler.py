@@ -12,6 +12,10 @@ cost one (K times larger) network evaluation per solver step, not K separate cal
 log-probabilities are those of the sample average ``log(mean_k p_k)``. :meth:`FlowSegmenter.sample` returns the
 per-sample log-probabilities ``[K, B, C, *S]`` as well, which the sliding window stitches into the
 sample-disagreement map (:mod:`medflowseg_nn.inference.sliding_window`).
+
+Regions (``multilabel=True``): the outputs are per-region sigmoid logits (log-odds) instead of log-probabilities,
+what nnU-Net's export expects for region models; the sample average is ``logit(mean_k sigmoid(l_k))`` per
+region (:func:`average_region_logits`).
 """
 from __future__ import annotations
 
@@ -20,9 +24,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medflowseg_nn.flow.label_space import target_to_log_probabilities
+from medflowseg_nn.flow.label_space import target_to_logits
 from medflowseg_nn.flow.loss import interpret_output
 from medflowseg_nn.flow.solver import SolverConfig, integrate, sample_prior
 
@@ -43,17 +48,28 @@ def average_log_probabilities(log_p: Tensor) -> Tensor:
     return torch.logsumexp(log_p, 0) - math.log(log_p.shape[0])
 
 
+def average_region_logits(logits: Tensor) -> Tensor:
+    """``[K, B, R, *S]`` per-sample region log-odds → ``[B, R, *S]`` log-odds of the mean probability,
+    ``logit(mean_k sigmoid(l_k))``, computed in log space (stable for saturated logits)."""
+    if logits.shape[0] == 1:
+        return logits[0]
+    log_k = math.log(logits.shape[0])
+    log_p = torch.logsumexp(F.logsigmoid(logits), 0) - log_k
+    log_q = torch.logsumexp(F.logsigmoid(-logits), 0) - log_k
+    return log_p - log_q
+
+
 class FlowSegmenter(nn.Module):
     """``forward(image [B, C_img, *S]) -> [B, C, *S]`` log-probabilities averaged over ``num_samples`` flows.
 
     Each of the ``num_samples`` flows starts from its own seeded prior (seed ``seed + k``); the same seed gives
     the same prior for every patch of a given shape, so results are deterministic. Samples are batched through
-    the network. ``C = num_classes``.
+    the network. ``C = num_classes``. ``multilabel``: C overlapping regions (sigmoid logits out, see the module).
     """
 
     def __init__(self, field: nn.Module, num_classes: int, parameterization: str,
                  solver: SolverConfig = SolverConfig(), seed: int = 0, num_samples: int = 1,
-                 logit_scale: float = 5.0):
+                 logit_scale: float = 5.0, multilabel: bool = False):
         super().__init__()
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -64,6 +80,7 @@ class FlowSegmenter(nn.Module):
         self.seed = seed
         self.num_samples = num_samples
         self.logit_scale = logit_scale
+        self.multilabel = multilabel
         self._prior_cache: dict[tuple, Tensor] = {}
 
     def prior(self, batch: int, spatial: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -78,35 +95,49 @@ class FlowSegmenter(nn.Module):
 
     def velocity(self, image: Tensor, x: Tensor, t: Tensor) -> Tensor:
         raw = self.field(image, x, t)
-        return interpret_output(raw, x, t, self.parameterization, self.logit_scale).velocity
+        return interpret_output(raw, x, t, self.parameterization, self.logit_scale,
+                                multilabel=self.multilabel).velocity
+
+    def probabilities(self, log_p: Tensor) -> Tensor:
+        """This sampler's outputs (e.g. ``[K, C, *P]``) → probabilities of the same shape: ``exp`` of the
+        log-probabilities, or the sigmoid of the region log-odds (``multilabel``)."""
+        return torch.sigmoid(log_p) if self.multilabel else log_p.exp()
+
+    def average(self, log_p: Tensor) -> Tensor:
+        """``[K, B, C, *S]`` per-sample outputs → ``[B, C, *S]`` output of the sample-mean probabilities."""
+        return average_region_logits(log_p) if self.multilabel else average_log_probabilities(log_p)
 
     def sample_log_probabilities(self, image: Tensor) -> Tensor:
         """``image [B, C_img, *S]`` → per-sample log-probabilities ``[num_samples, B, C, *S]`` (float32).
 
         All samples run as one batch of ``num_samples * B``. One Euler step with the ``x1`` parameterisation is
-        ``log_softmax`` of the raw network output at ``(x0_k, t = 0)``.
+        ``log_softmax`` of the raw network output at ``(x0_k, t = 0)`` (regions: the raw output itself, the
+        per-region sigmoid logits).
         """
         batch, spatial = image.shape[0], tuple(image.shape[2:])
         x0 = self.prior(batch, spatial, image.device, image.dtype)
         image_k = image.repeat(self.num_samples, *([1] * (image.ndim - 1))) if self.num_samples > 1 else image
         if self.solver.steps == 1 and self.solver.method == "euler":
             t0 = torch.zeros(x0.shape[0], device=image.device, dtype=image.dtype)
-            out = interpret_output(self.field(image_k, x0, t0), x0, t0, self.parameterization, self.logit_scale)
-            log_p = torch.log_softmax(out.logits.float(), 1) if self.parameterization == "x1" \
-                else target_to_log_probabilities(out.x1_hat)
+            out = interpret_output(self.field(image_k, x0, t0), x0, t0, self.parameterization, self.logit_scale,
+                                   multilabel=self.multilabel)
+            if self.parameterization == "x1":
+                log_p = out.logits.float() if self.multilabel else torch.log_softmax(out.logits.float(), 1)
+            else:
+                log_p = target_to_logits(out.x1_hat, multilabel=self.multilabel)
         else:
             x1 = integrate(lambda x, t: self.velocity(image_k, x, t), x0, self.solver)
-            log_p = target_to_log_probabilities(x1)
+            log_p = target_to_logits(x1, multilabel=self.multilabel)
         return log_p.reshape(self.num_samples, batch, *log_p.shape[1:])
 
     def sample(self, image: Tensor) -> SampledPatch:
         """``image [B, C_img, *S]`` → :class:`SampledPatch` (sample mean and the K samples, one network batch)."""
         log_p = self.sample_log_probabilities(image)
-        return SampledPatch(mean_log_probabilities=average_log_probabilities(log_p), sample_log_probabilities=log_p)
+        return SampledPatch(mean_log_probabilities=self.average(log_p), sample_log_probabilities=log_p)
 
     def forward(self, image: Tensor) -> Tensor:
         """``image [B, C_img, *S]`` → ``[B, C, *S]`` log of the sample-mean probabilities."""
-        return average_log_probabilities(self.sample_log_probabilities(image))
+        return self.average(self.sample_log_probabilities(image))
 
     # checkpoints hold the field's weights: delegate so nnU-Net's per-fold reload works on the wrapper
     def state_dict(self, *args: Any, **kwargs: Any) -> dict:  # type: ignore[override]

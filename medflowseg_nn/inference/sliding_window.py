@@ -26,7 +26,7 @@ from medflowseg_nn.inference.uncertainty import SampleAccumulator
 class CasePrediction:
     """One case in nnU-Net's preprocessed geometry.
 
-    ``logits [C, *S]``: log of the sample-mean probabilities, averaged over mirrorings, Gaussian-weighted tiles
+    ``logits [C, *S]``: log of the sample-mean probabilities (regions: their log-odds), averaged over mirrorings, Gaussian-weighted tiles
     and folds (what nnU-Net's ``predict_logits_from_preprocessed_data`` returns; export applies the softmax).
     ``disagreement [*S]`` (float32) or ``None`` when not requested: the K samples' pairwise label disagreement
     (fold mean; zeros for K = 1)."""
@@ -54,7 +54,8 @@ def predict_mirrored(sampler: FlowSegmenter, patch: Tensor, combinations: Sequen
         x = torch.flip(patch, axes) if axes else patch
         if with_samples:
             out = sampler.sample(x)
-            mean, per_sample = out.mean_log_probabilities, out.sample_log_probabilities[:, 0].exp()  # [K, C, *P]
+            mean = out.mean_log_probabilities
+            per_sample = sampler.probabilities(out.sample_log_probabilities[:, 0])  # [K, C, *P]
             per_sample = torch.flip(per_sample, axes) if axes else per_sample  # same dims as [B, C, *P]
             samples = per_sample if samples is None else samples + per_sample
         else:
@@ -91,7 +92,7 @@ def stitch_patches(sampler: FlowSegmenter, data: Tensor, slicers: Sequence[tuple
     weights = torch.zeros(data.shape[1:], dtype=torch.half, device=results_device)
     stitch_k = with_samples and sampler.num_samples > 1
     accumulator = SampleAccumulator(sampler.num_samples, num_classes, data.shape[1:], slicers, gaussian,
-                                    results_device) if stitch_k else None
+                                    results_device, multilabel=sampler.multilabel) if stitch_k else None
     for sl in tqdm(slicers, disable=not progress):
         patch = torch.clone(data[sl][None], memory_format=torch.contiguous_format).to(device)
         out = predict_mirrored(sampler, patch, combinations, stitch_k)

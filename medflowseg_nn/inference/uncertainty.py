@@ -15,6 +15,12 @@ same size/spacing/origin/direction as the input image):
   noise; it needs K ≥ 2.
 
 With ``n_c`` of the K samples voting for class ``c`` the disagreement is ``1 - Σ_c n_c (n_c - 1) / (K (K - 1))``.
+**Regions** (nnU-Net's region-based training, R overlapping binary channels): per region ``r`` the binary
+entropy ``h(p̄_r)`` (:func:`binary_entropy`) and the pairwise disagreement of the K samples' region masks
+``p_r > 0.5`` (:func:`region_disagreement`), ``[R, *S]`` each. The exported single maps are the **sum** of the
+binary entropies (the entropy of the R independent Bernoulli variables, 0 … R log 2) and the **mean** of the
+per-region disagreements (0 … 1).
+
 Both maps are computed in nnU-Net's preprocessed geometry (:mod:`medflowseg_nn.inference.sliding_window`) and
 reverted to the input geometry by :mod:`medflowseg_nn.inference.export` (outside the crop box both are 0).
 Memory of the disagreement map: K · C · voxels floats while a case is predicted.
@@ -39,6 +45,31 @@ def predictive_entropy(probabilities: ArrayLike) -> np.ndarray:
     return np.maximum(calibration.predictive_entropy(p), 0).astype(np.float32)
 
 
+def binary_entropy(probabilities: ArrayLike) -> np.ndarray:
+    """``probabilities [R, *S]`` of R independent regions → per-region binary entropy ``[R, *S]`` float32 in nats
+    (0 … log 2; 0 log 0 = 0), computed in float64."""
+    p = probabilities.detach().cpu().numpy() if isinstance(probabilities, Tensor) else np.asarray(probabilities)
+    p = np.clip(p.astype(np.float64), 0, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -np.where(p > 0, p * np.log(p), 0) - np.where(p < 1, (1 - p) * np.log1p(-p), 0)
+    return np.maximum(h, 0).astype(np.float32)
+
+
+def region_entropy(probabilities: ArrayLike) -> np.ndarray:
+    """``[R, *S]`` region probabilities → ``[*S]``: the sum of the per-region binary entropies (nats)."""
+    return binary_entropy(probabilities).sum(0)
+
+
+def region_disagreement(masks: Tensor) -> Tensor:
+    """``masks [K, R, *S]`` (the K samples' binary region masks) → ``[R, *S]``: per region the fraction of sample
+    pairs whose masks differ (zeros for K = 1)."""
+    k = masks.shape[0]
+    if k < 2:
+        return torch.zeros(masks.shape[1:], dtype=torch.float32, device=masks.device)
+    n = masks.float().sum(0)  # samples voting "in the region"
+    return 1 - (n * (n - 1) + (k - n) * (k - n - 1)) / (k * (k - 1))
+
+
 def pairwise_disagreement(labels: Tensor, num_classes: int) -> Tensor:
     """``labels [K, *S]`` (integer label maps of K samples) → fraction of sample pairs that disagree ``[*S]``.
 
@@ -60,13 +91,15 @@ class SampleAccumulator:
         num_samples: K. num_classes: C. shape: spatial shape ``S`` of the (padded) preprocessed image.
         slicers: nnU-Net's sliding-window slicers, in the order the patches are predicted.
         gaussian: the Gaussian importance map ``[*P]`` nnU-Net uses (``None`` = uniform weights).
+        multilabel: C overlapping regions (disagreement per region, then the mean over regions).
     Patches must be added in slicer order with :meth:`add` (one call per patch).
     """
 
     def __init__(self, num_samples: int, num_classes: int, shape: Sequence[int], slicers: Sequence[tuple],
-                 gaussian: Optional[Tensor], device: torch.device):
+                 gaussian: Optional[Tensor], device: torch.device, multilabel: bool = False):
         dtype = torch.half if device.type == "cuda" else torch.float32
         self.num_classes = num_classes
+        self.multilabel = multilabel
         self.slicers = list(slicers)
         self.gaussian = gaussian
         self.index = 0
@@ -89,7 +122,19 @@ class SampleAccumulator:
         return self.sum.float() / self.weight.clamp_min(1e-8)
 
     def disagreement(self) -> Tensor:
-        """``[*S]`` float32 on the CPU: pairwise disagreement of the K stitched samples' argmax labels."""
+        """``[*S]`` float32 on the CPU: pairwise disagreement of the K stitched samples' argmax labels (regions:
+        the mean over regions of :meth:`region_disagreement`)."""
+        if self.multilabel:
+            return self.region_disagreement().mean(0)
+        self.check_complete()
+        return pairwise_disagreement(self.sum.argmax(1), self.num_classes).cpu()
+
+    def region_disagreement(self) -> Tensor:
+        """``[R, *S]`` float32 on the CPU: per region, the K stitched samples' pairwise mask disagreement
+        (a sample's mask is its stitched probability > 0.5)."""
+        self.check_complete()
+        return region_disagreement(self.probabilities() > 0.5).cpu()
+
+    def check_complete(self) -> None:
         if self.index != len(self.slicers):
             raise RuntimeError(f"{self.index} of {len(self.slicers)} patches were added")
-        return pairwise_disagreement(self.sum.argmax(1), self.num_classes).cpu()
