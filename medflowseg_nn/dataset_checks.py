@@ -1,14 +1,9 @@
-"""Dataset integrity checks that run before nnU-Net planning.
+"""Dataset integrity checks that run before nnU-Net planning (and, per case, before prediction).
 
-:func:`verify_raw_dataset` inspects a dataset in nnU-Net v2 raw format (``dataset.json``,
-``imagesTr/CASE_XXXX<ending>``, ``labelsTr/CASE<ending>``), collects *every* problem it finds and raises a
-:class:`DatasetIntegrityError` with one line per problem of the form
-``"<case or file>: <problem> — <fix hint>"``.
-
-Tolerances mirror ``nnunetv2.experiment_planning.verify_dataset_integrity`` (``np.allclose`` with its default
-``rtol=1e-5, atol=1e-8`` for spacing, origin and direction). Unlike nnU-Net, origin and direction mismatches
-are errors here, because a misaligned label silently ruins training.
-"""
+:func:`verify_raw_dataset` inspects a dataset in nnU-Net v2 raw format (``dataset.json``, ``imagesTr/``,
+``labelsTr/``), collects *every* problem and raises a :class:`DatasetIntegrityError` with one line per problem,
+``"<case or file>: <problem> — <fix hint>"``. Tolerances: nnU-Net's ``verify_dataset_integrity`` (``np.allclose``);
+unlike nnU-Net, origin and direction mismatches are errors (a misaligned label ruins training)."""
 from __future__ import annotations
 
 import json
@@ -23,6 +18,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from medflowseg_nn.errors import UserError, one_line
+from medflowseg_nn.nifti_integrity import nifti_payload_complete
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +44,9 @@ def _fmt(values: Any) -> str:
     return "(" + ", ".join(f"{float(v) + 0.0:.6g}" if isinstance(v, float) else str(v) for v in values) + ")"
 
 
-def _read(path: str, natural: bool) -> tuple[np.ndarray, dict[str, Any]]:
-    """Read one file; return the array and its info (size, ndim, channels, geometry). Raises on read errors."""
+def _read(path: str, natural: bool, read_voxels: bool = True) -> tuple[Optional[np.ndarray], dict[str, Any]]:
+    """Read one file: (array, info: size, ndim, channels, geometry); raises on read errors. ``read_voxels=False``:
+    a NIfTI that :func:`nifti_payload_complete` vouches for is not decoded (array None)."""
     if natural:
         from skimage import io  # what nnU-Net's NaturalImage2DIO uses
 
@@ -68,7 +65,8 @@ def _read(path: str, natural: bool) -> tuple[np.ndarray, dict[str, Any]]:
         import nibabel as nib
 
         reader.ReadImageInformation()
-        arr = np.asarray(nib.load(path, mmap=False).dataobj)
+        complete = not read_voxels and nifti_payload_complete(path)
+        arr = None if complete else np.asarray(nib.load(path, mmap=False).dataobj)
     else:
         arr = sitk.GetArrayFromImage(reader.Execute())
     geometry = {"spacing": reader.GetSpacing(), "origin": reader.GetOrigin(), "direction": reader.GetDirection()}
@@ -93,23 +91,25 @@ def _compare(case: str, what: str, ref_name: str, ref: dict, other: dict, hint: 
     return problems
 
 
-def _check_case(task: tuple[str, list[str], str | None, bool, list[int] | None, int]) -> tuple[list[str], int | None]:
+def _check_case(task: tuple) -> tuple[list[str], int | None]:
     """:func:`check_case` on a (case, images, label, natural, allowed, n_channels) tuple (what a pool maps)."""
     return check_case(*task)
 
 
 def check_case(case: str, image_paths: Sequence[str], label_path: Optional[str] = None, natural: bool = False,
-               allowed_labels: Optional[list[int]] = None, num_channels: int = 1) -> tuple[list[str], int | None]:
+               allowed_labels: Optional[list[int]] = None, num_channels: int = 1,
+               read_voxels: bool = True) -> tuple[list[str], int | None]:
     """Check one case: every image (and the label, if given) is readable, finite, single-component, on one grid;
     label values are declared. Returns (one line per problem naming the file, number of axes longer than 1 of the
-    first image or None)."""
+    first image or None). ``read_voxels=False`` (prediction inputs): complete NIfTI images are judged from header
+    and size, not decoded, so NaN/Inf in them is not looked for."""
     allowed, n_channels = allowed_labels, num_channels
     problems: list[str] = []
     infos: list[tuple[str, dict]] = []
     for path in image_paths:
         name = Path(path).name
         try:
-            arr, info = _read(path, natural)
+            arr, info = _read(path, natural, read_voxels)
         except Exception as exc:  # noqa: BLE001 - any reader failure means the file is unusable
             problems.append(f"{name}: unreadable image file ({one_line(exc)}) — the file is truncated or corrupt; "
                             "re-export or re-download it")
@@ -120,7 +120,7 @@ def check_case(case: str, image_paths: Sequence[str], label_path: Optional[str] 
         if not natural and info["channels"] != 1:
             problems.append(f"{name}: has {info['channels']} components per voxel — store each channel in its own"
                             " _XXXX file")
-        if np.issubdtype(arr.dtype, np.floating):
+        if arr is not None and np.issubdtype(arr.dtype, np.floating):
             n_nan, n_inf = int(np.isnan(arr).sum()), int(np.isinf(arr).sum())
             if n_nan or n_inf:
                 problems.append(f"{name}: image contains {n_nan} NaN and {n_inf} Inf voxels — replace non-finite "
