@@ -18,18 +18,25 @@ from tests.conftest import set_nnunet_env
 TRAINER = "MedFlowSegTrainer_smoke"
 
 
-def train_smoke_folds(root, dataset_id: int, folds: tuple[int, ...]):
-    """Synthetic dataset, plans with a shrunk network, ``MedFlowSegTrainer_smoke`` folds → (raw folder, model)."""
+def train_smoke_folds(root, dataset_id: int, folds: tuple[int, ...], configurations: tuple[str, ...] = ("3d_fullres",),
+                      extra: tuple[str, ...] = ()):
+    """Synthetic dataset, plans with a shrunk network, ``MedFlowSegTrainer_smoke`` folds of each configuration
+    (``extra``: more ``mfs_train`` flags, e.g. ``--npz``) → (raw folder, model folder of the first configuration)."""
     raw = make_synthetic_dataset(root / "nnUNet_raw", dataset_id, num_train=5, num_test=2, shape=(16, 20, 16))
-    assert plan_and_preprocess.main(["-d", str(dataset_id), "-c", "3d_fullres", "-np", "1", "--no_verify"]) == 0
+    assert plan_and_preprocess.main(["-d", str(dataset_id), "-c", *configurations, "-np", "1", "--no_verify"]) == 0
     plans_file = root / "nnUNet_preprocessed" / raw.name / "MedFlowSegPlans.json"
     plans = json.loads(plans_file.read_text())
-    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"].update(
-        features_per_stage=[4, 8, 16], n_conv_per_stage=[1, 1, 1], n_conv_per_stage_decoder=[1, 1])
+    for configuration in configurations:
+        arch = plans["configurations"][configuration]["architecture"]["arch_kwargs"]
+        n = arch["n_stages"]
+        arch.update(features_per_stage=[min(4 * 2 ** s, 16) for s in range(n)], n_conv_per_stage=[1] * n,
+                    n_conv_per_stage_decoder=[1] * (n - 1))
     plans_file.write_text(json.dumps(plans))
-    for fold in folds:
-        assert train.main([str(dataset_id), "3d_fullres", str(fold), "-tr", TRAINER, "-device", "cpu"]) == 0
-    return raw, root / "nnUNet_results" / raw.name / f"{TRAINER}__MedFlowSegPlans__3d_fullres"
+    for configuration in configurations:
+        for fold in folds:
+            assert train.main([str(dataset_id), configuration, str(fold), "-tr", TRAINER, "-device", "cpu",
+                               *extra]) == 0
+    return raw, root / "nnUNet_results" / raw.name / f"{TRAINER}__MedFlowSegPlans__{configurations[0]}"
 
 
 def predict_into(model, inputs, out, fold: str, *extra: str) -> int:
