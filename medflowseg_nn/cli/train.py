@@ -6,6 +6,7 @@ never through nnU-Net's name search, which fails with a CPU build of torch.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from typing import Optional, Sequence, Union
 
@@ -14,6 +15,8 @@ import torch
 from medflowseg_nn.cli.common import cli_errors, dataset_name, pick_device, require_env, setup_logging
 from medflowseg_nn.distributed import process_group, torchrun_environment
 from medflowseg_nn.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TRAINER = "MedFlowSegTrainer"
 DEFAULT_PLANS = "MedFlowSegPlans"
@@ -63,7 +66,9 @@ def train_one(trainer, continue_training: bool, only_run_validation: bool, pretr
         trainer.show_progress = False
     if only_run_validation and not isfile(join(trainer.output_folder, "checkpoint_final.pth")):
         raise UserError(f"--val needs {join(trainer.output_folder, 'checkpoint_final.pth')} — finish training first")
-    maybe_load_checkpoint(trainer, continue_training, only_run_validation, pretrained_weights)
+    maybe_load_checkpoint(trainer, continue_training, only_run_validation, None)
+    if pretrained_weights is not None:
+        load_pretrained(trainer, pretrained_weights)
     if torch.cuda.is_available():
         torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.benchmark = True
@@ -72,6 +77,20 @@ def train_one(trainer, continue_training: bool, only_run_validation: bool, pretr
     if val_with_best:
         trainer.load_checkpoint(join(trainer.output_folder, "checkpoint_best.pth"))
     trainer.perform_actual_validation(npz)
+
+
+def load_pretrained(trainer, path: str) -> None:
+    """``-pretrained_weights``: initialise the trainer's network from an nnU-Net or MedFlowSeg checkpoint
+    (:mod:`medflowseg_nn.pretrained`: what corresponds is copied, the rest keeps its initialisation)."""
+    from medflowseg_nn.pretrained import load_pretrained_weights
+
+    if not trainer.was_initialized:
+        trainer.initialize()
+    flow_config = getattr(trainer, "flow_config", None)
+    load_pretrained_weights(trainer.network, path, labels=trainer.dataset_json["labels"],
+                            parameterization=flow_config.parameterization if flow_config else "x1",
+                            log=lambda line: (logger.info(line),
+                                              trainer.print_to_log_file(line, also_print_to_console=False)))
 
 
 def spawned_rank(rank: int, world_size: int, device_type: str, kwargs: dict, run_kwargs: dict) -> None:
@@ -98,6 +117,12 @@ def run_training(dataset: str, configuration: str, fold: Union[int, str], traine
             raise UserError(f"fold must be an integer or 'all', got {fold!r}") from e
     if continue_training and only_run_validation:
         raise UserError("--c and --val cannot be used together")
+    if pretrained_weights is not None and (continue_training or only_run_validation):
+        raise UserError(f"-pretrained_weights starts a new training; it cannot be combined with "
+                        f"{'--c (continue)' if continue_training else '--val'} — drop one of them")
+    if pretrained_weights is not None and not os.path.isfile(pretrained_weights):
+        raise UserError(f"pretrained weights {pretrained_weights} not found — pass a checkpoint_final.pth of "
+                        "mfs_train or nnUNetv2_train")
     if val_with_best and disable_checkpointing:
         raise UserError("--val_best is not compatible with --disable_checkpointing")
     kwargs = dict(dataset=dataset, configuration=configuration, fold=fold, trainer=trainer, plans=plans,
@@ -132,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("fold", help="0-4 or 'all'")
     p.add_argument("-tr", default=DEFAULT_TRAINER, help=f"trainer class (default {DEFAULT_TRAINER})")
     p.add_argument("-p", default=DEFAULT_PLANS, help=f"plans identifier (default {DEFAULT_PLANS})")
-    p.add_argument("-pretrained_weights", default=None)
+    p.add_argument("-pretrained_weights", default=None, metavar="FILE",
+                   help="start from an nnU-Net or MedFlowSeg checkpoint (same plans): matching weights are copied, "
+                        "the first conv's x_t channels start at zero; not with --c / --val")
     p.add_argument("-num_gpus", type=int, default=1,
                    help="start N DDP processes on this machine (nccl on cuda, gloo on cpu); for several machines "
                         "use torchrun")
