@@ -166,9 +166,10 @@ class MedFlowSegTrainer(nnUNetTrainer):
 
     def _flow_loss(self, image: torch.Tensor, target: Target) -> dict[str, torch.Tensor]:
         """``image`` ``[B, C, *S]``; ``target`` ``[B, 1, *S]`` (regions: ``[B, R (+1), *S]``) or the
-        deep-supervision list (full resolution first). Flow loss on the full-resolution output; with deep supervision, plus ``seg_weight`` times the
-        auxiliary Dice + CE of the samples drawn at t = 0 (t ≤ ``zero_width``): there the output is the one-step
-        estimate from the image alone, while at t > 0 the label is visible in x_t and a head could copy it."""
+        deep-supervision list (full resolution first). Flow loss on the full-resolution output; with deep
+        supervision, plus ``seg_weight`` times the auxiliary Dice + CE of the samples drawn at t = 0 (t ≤
+        ``zero_width``): there the output is the one-step estimate from the image alone, while at t > 0 the label
+        is visible in x_t and a head could copy it."""
         encoded = self.encode_target(target[0] if isinstance(target, (list, tuple)) else target)
         x0 = torch.randn_like(encoded.x1)
         t = self.time_sampler.sample(x0.shape[0], device=x0.device)

@@ -1,6 +1,9 @@
 """One-concern variants of :class:`MedFlowSegTrainer`: each changes exactly one thing via class attributes."""
 from __future__ import annotations
 
+from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoMirroring import \
+    nnUNetTrainerNoMirroring
+
 from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer
 
 
@@ -67,3 +70,8 @@ class MedFlowSegTrainer_deepSupervision(MedFlowSegTrainer):
 class MedFlowSegTrainer_noDeepSupervision(MedFlowSegTrainer):
     """The single full-resolution output, as before 2026-12-02 (no auxiliary heads)."""
     network_overrides = {"deep_supervision": False}
+
+
+class MedFlowSegTrainer_smokeNoMirroring(MedFlowSegTrainer_smoke, nnUNetTrainerNoMirroring):
+    """The smoke budget without mirroring (nnU-Net's ``nnUNetTrainerNoMirroring``: no mirror augmentation and no
+    8x test-time mirroring in the final validation), for smoke runs on large volumes such as BraTS."""

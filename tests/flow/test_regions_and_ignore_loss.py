@@ -12,8 +12,8 @@ import torch
 from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_loss
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from medflowseg_nn.flow.label_space import (LabelTarget, encode_labels, encode_regions, prior_where_ignored, target_to_logits,
-                                            target_to_segmentation)
+from medflowseg_nn.flow.label_space import (LabelTarget, encode_labels, encode_regions, prior_where_ignored,
+                                            target_to_logits, target_to_segmentation)
 from medflowseg_nn.flow.loss import FlowMatchingLoss, cross_entropy_loss, interpret_output, soft_dice_loss
 from medflowseg_nn.flow.path import LinearPath
 
