@@ -14,6 +14,7 @@ import pydoc
 from typing import Any, Optional
 
 from medflowseg_nn.config import FlowMatchingConfig, NetworkOptions
+from medflowseg_nn.networks.residual_vector_field_unet import ResidualEncoderVectorFieldUNet
 from medflowseg_nn.networks.vector_field_unet import VectorFieldUNet
 
 logger = logging.getLogger(__name__)
@@ -32,19 +33,29 @@ def architecture_kwargs(configuration_manager: Any, network: NetworkOptions) -> 
     return kwargs
 
 
+def vector_field_class(arch_kwargs: dict[str, Any]) -> type[VectorFieldUNet]:
+    """The vector-field class for a configuration's architecture keywords: the residual encoder for the keywords of
+    nnU-Net's ResEnc planners (``n_blocks_per_stage``, as ``ResidualEncoderUNet`` takes), else the plain one."""
+    return ResidualEncoderVectorFieldUNet if "n_blocks_per_stage" in arch_kwargs else VectorFieldUNet
+
+
 def build_vector_field(configuration_manager: Any, num_input_channels: int, num_output_channels: int,
                        flow_config: FlowMatchingConfig) -> VectorFieldUNet:
     """The vector field ``v(image [B, num_input_channels, *P], x_t [B, num_output_channels, *P], t [B])`` for a
-    configuration of nnU-Net plans (its ``ConfigurationManager``) and a flow configuration."""
-    return VectorFieldUNet(num_input_channels, num_output_channels,
-                           **architecture_kwargs(configuration_manager, flow_config.network))
+    configuration of nnU-Net plans (its ``ConfigurationManager``) and a flow configuration.
+
+    ``num_input_channels`` counts every channel the network sees besides x_t: the image channels, plus for a
+    cascade stage the previous stage's one-hot foreground labels (nnU-Net's ``determine_num_input_channels``);
+    the network's first convolution takes ``num_input_channels + num_output_channels``."""
+    kwargs = architecture_kwargs(configuration_manager, flow_config.network)
+    return vector_field_class(kwargs)(num_input_channels, num_output_channels, **kwargs)
 
 
 def feature_map_size(configuration_manager: Any, num_input_channels: int, num_output_channels: int,
                      network: NetworkOptions) -> int:
     """Activation elements the planner's estimate counts for one patch of this configuration (batch 1)."""
-    net = VectorFieldUNet(num_input_channels, num_output_channels, **architecture_kwargs(configuration_manager,
-                                                                                         network))
+    kwargs = architecture_kwargs(configuration_manager, network)
+    net = vector_field_class(kwargs)(num_input_channels, num_output_channels, **kwargs)
     return int(net.compute_conv_feature_map_size(configuration_manager.patch_size))
 
 

@@ -90,8 +90,8 @@ class VectorFieldUNet(nn.Module):
         self.encoder = nn.ModuleList()
         c_in = input_channels + num_classes
         for s in range(n_stages):
-            self.encoder.append(StackedConvBlocks(n_conv_enc[s], conv_op, c_in, features[s], kernel_sizes[s],
-                                                  strides[s], **block))
+            self.encoder.append(self.build_encoder_stage(s, n_conv_enc[s], conv_op, c_in, features[s],
+                                                         kernel_sizes[s], strides[s], block))
             c_in = features[s]
         self.encoder_time = nn.ModuleList(TimeModulation(time_embed_dim, f) for f in features)
 
@@ -132,6 +132,14 @@ class VectorFieldUNet(nn.Module):
                                    for s in self.dbsa_stages})
         self.faa = nn.ModuleDict({str(s): FrequencyAwareAttention(features[s], conv_op, time_embed_dim, faa_num_bands)
                                   for s in self.faa_stages})
+
+    @staticmethod
+    def build_encoder_stage(stage: int, n_blocks: int, conv_op: Type[nn.Module], input_channels: int,
+                            output_channels: int, kernel_size: IntOrSeq, stride: IntOrSeq, block: dict) -> nn.Module:
+        """Encoder stage ``stage``: ``[B, input_channels, *S]`` -> ``[B, output_channels, *S / stride]``, with a
+        ``compute_conv_feature_map_size(input_size)`` method. Here ``n_blocks`` plain conv-norm-nonlin blocks, as in
+        nnU-Net's ``PlainConvUNet``; subclasses change the block type. ``block``: conv bias, norm, dropout, nonlin."""
+        return StackedConvBlocks(n_blocks, conv_op, input_channels, output_channels, kernel_size, stride, **block)
 
     def set_deep_supervision(self, enabled: bool) -> None:
         """Switch the list output on or off (the heads' parameters stay in the module either way)."""
