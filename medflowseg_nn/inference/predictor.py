@@ -27,6 +27,7 @@ from medflowseg_nn.config import FlowMatchingConfig
 from medflowseg_nn.errors import UserError
 from medflowseg_nn.inference.sampler import FlowSegmenter
 from medflowseg_nn.inference.sliding_window import CasePrediction, stitch_patches
+from medflowseg_nn.inference.uncertainty import mask_votes_disagreement, votes_disagreement
 from medflowseg_nn.model import build_vector_field
 
 logger = logging.getLogger(__name__)
@@ -73,8 +74,9 @@ class MedFlowSegPredictor(nnUNetPredictor):
 
     # --- one case ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _predict_one_model(self, image: Tensor, with_samples: bool) -> CasePrediction:
-        """``image [C_img, *S]`` with the weights currently loaded → logits ``[C, *S]`` (+ disagreement)."""
+    def _predict_one_model(self, image: Tensor, with_samples: bool, with_votes: bool = False) -> CasePrediction:
+        """``image [C_img, *S]`` with the weights currently loaded → logits ``[C, *S]`` (+ disagreement, + the
+        samples' class votes: for K = 1 the one sample's vote, from its logits)."""
         self.network = self.network.to(self.device)
         self.network.eval()
         empty_cache(self.device)
@@ -88,7 +90,8 @@ class MedFlowSegPredictor(nnUNetPredictor):
                               self.allowed_mirroring_axes if self.use_mirroring else None),
                           gaussian=nnunet_compat.gaussian_importance_map(patch_size, results_device)
                           if self.use_gaussian else None,
-                          device=self.device, with_samples=with_samples, progress=self.allow_tqdm)
+                          device=self.device, with_samples=with_samples, progress=self.allow_tqdm,
+                          with_votes=with_votes)
             try:
                 out = stitch_patches(self.segmenter, data, results_device=results_device, **kwargs)
             except RuntimeError:
@@ -101,26 +104,44 @@ class MedFlowSegPredictor(nnUNetPredictor):
                 out = stitch_patches(self.segmenter, data, results_device=torch.device("cpu"), **kwargs)
         spatial = tuple(revert[1:])
         disagreement = None if out.disagreement is None else out.disagreement[spatial].cpu()
-        return CasePrediction(out.logits[(slice(None), *spatial)], disagreement)
+        logits = out.logits[(slice(None), *spatial)]
+        votes = out.votes[(slice(None), *spatial)] if out.votes is not None \
+            else self.single_sample_votes(logits) if with_votes else None
+        return CasePrediction(logits, disagreement, votes)
+
+    def single_sample_votes(self, logits: Tensor) -> Tensor:
+        """``[C, *S]`` votes of one member from its logits: one-hot argmax (regions: log-odds > 0), float32, CPU."""
+        logits = logits.float().cpu()
+        if self.segmenter.multilabel:
+            return (logits > 0).float()
+        return torch.nn.functional.one_hot(logits.argmax(0), logits.shape[0]).movedim(-1, 0).float()
 
     def predict_case(self, data: Tensor, with_disagreement: bool = False) -> CasePrediction:
         """``data [C_img, *S]`` (preprocessed) → :class:`CasePrediction` on the CPU: logits averaged over the
-        folds' weights (nnU-Net's fold ensemble) and, if requested, the fold-mean K-sample disagreement."""
+        folds' weights (nnU-Net's fold ensemble) and, if requested, the disagreement of the members: the K samples
+        of one fold, or with F folds the F·K (fold, sample) segmentations (their class votes summed over folds)."""
         n_threads = torch.get_num_threads()
         torch.set_num_threads(min(default_num_processes, n_threads))
+        folds = len(self.list_of_parameters)
+        with_votes = with_disagreement and folds > 1
         try:
-            logits, maps = None, []
+            logits, disagreement, votes = None, None, None
             for params in self.list_of_parameters:
                 self.segmenter.load_state_dict(params)
-                one = self._predict_one_model(data, with_disagreement)
+                one = self._predict_one_model(data, with_disagreement, with_votes)
                 logits = one.logits.to("cpu") if logits is None else logits + one.logits.to("cpu")
-                if one.disagreement is not None:
-                    maps.append(one.disagreement)
-            if len(self.list_of_parameters) > 1:
-                logits /= len(self.list_of_parameters)
+                disagreement = one.disagreement
+                if with_votes:
+                    votes = one.votes if votes is None else votes + one.votes
+            if folds > 1:
+                logits /= folds
         finally:
             torch.set_num_threads(n_threads)
-        return CasePrediction(logits, torch.stack(maps).mean(0) if maps else None)
+        if with_votes:
+            members = folds * self.segmenter.num_samples
+            disagreement = mask_votes_disagreement(votes, members).mean(0) if self.segmenter.multilabel \
+                else votes_disagreement(votes, members)
+        return CasePrediction(logits, disagreement)
 
     def predict_logits_from_preprocessed_data(self, data: Tensor) -> Tensor:
         """nnU-Net's entry point for one preprocessed case: ``[C_img, *S]`` → logits ``[C, *S]``."""

@@ -29,10 +29,12 @@ class CasePrediction:
     ``logits [C, *S]``: log of the sample-mean probabilities (regions: their log-odds), averaged over mirrorings, Gaussian-weighted tiles
     and folds (what nnU-Net's ``predict_logits_from_preprocessed_data`` returns; export applies the softmax).
     ``disagreement [*S]`` (float32) or ``None`` when not requested: the K samples' pairwise label disagreement
-    (fold mean; zeros for K = 1)."""
+    (zeros for K = 1). ``votes [C, *S]`` (float32) or ``None`` when not requested: how many of the K samples
+    vote for each class (regions: contain each region), summed over folds for the (fold, sample) disagreement."""
 
     logits: Tensor
     disagreement: Optional[Tensor] = None
+    votes: Optional[Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ def predict_mirrored(sampler: FlowSegmenter, patch: Tensor, combinations: Sequen
 def stitch_patches(sampler: FlowSegmenter, data: Tensor, slicers: Sequence[tuple], num_classes: int,
                    combinations: Sequence[tuple[int, ...]], gaussian: Optional[Tensor], device: torch.device,
                    results_device: torch.device, with_samples: bool = False,
-                   progress: bool = False) -> CasePrediction:
+                   progress: bool = False, with_votes: bool = False) -> CasePrediction:
     """Predict every patch of ``data [C_img, *S]`` (already padded to at least the patch size) and stitch.
 
     Args:
@@ -83,7 +85,7 @@ def stitch_patches(sampler: FlowSegmenter, data: Tensor, slicers: Sequence[tuple
             weights (``None`` = uniform); ``combinations``: see :func:`predict_mirrored`.
         device: where the network runs; ``results_device``: where the ``[C, *S]`` sums live.
         with_samples: also stitch the K samples and return their disagreement (only meaningful for K ≥ 2;
-            zeros for K = 1).
+            zeros for K = 1). with_votes: also return the K samples' class votes (K ≥ 2, else ``None``).
     Returns:
         :class:`CasePrediction` in the padded geometry (``logits`` float16 on ``results_device``).
     """
@@ -110,4 +112,5 @@ def stitch_patches(sampler: FlowSegmenter, data: Tensor, slicers: Sequence[tuple
     if with_samples:
         disagreement = accumulator.disagreement() if accumulator is not None \
             else torch.zeros(data.shape[1:], dtype=torch.float32)
-    return CasePrediction(logits, disagreement)
+    votes = accumulator.votes() if with_votes and accumulator is not None else None
+    return CasePrediction(logits, disagreement, votes)

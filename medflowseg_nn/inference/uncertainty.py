@@ -10,11 +10,13 @@ same size/spacing/origin/direction as the input image):
 * ``disagreement`` — **mean pairwise disagreement** of the K samples' label maps: the fraction of the
   ``K(K-1)/2`` sample pairs whose argmax labels differ at the voxel (0 … 1; always 0 for K = 1). Sample ``k`` is
   the full-image segmentation grown from prior seed ``seed + k``: its per-patch probabilities are stitched over
-  the sliding window with nnU-Net's Gaussian weights (and averaged over mirroring), then argmaxed. With several
-  folds the per-fold maps are averaged. It measures how much the *generated* segmentation depends on the
-  noise; it needs K ≥ 2.
+  the sliding window with nnU-Net's Gaussian weights (and averaged over mirroring), then argmaxed. With F
+  folds the members are the F·K (fold, sample) segmentations (fold f's sample k: fold f's weights, seed
+  ``seed + k``; for K = 1 a fold's member is its own prediction), so the map counts pairs within a fold and
+  across folds: how much the *generated* segmentation depends on the noise and on the fold; it needs F·K ≥ 2.
 
-With ``n_c`` of the K samples voting for class ``c`` the disagreement is ``1 - Σ_c n_c (n_c - 1) / (K (K - 1))``.
+With ``n_c`` of the M members voting for class ``c`` the disagreement is ``1 - Σ_c n_c (n_c - 1) / (M (M - 1))``
+(:func:`votes_disagreement`), so members' votes can be summed over folds before it is taken.
 **Regions** (nnU-Net's region-based training, R overlapping binary channels): per region ``r`` the binary
 entropy ``h(p̄_r)`` (:func:`binary_entropy`) and the pairwise disagreement of the K samples' region masks
 ``p_r > 0.5`` (:func:`region_disagreement`), ``[R, *S]`` each. The exported single maps are the **sum** of the
@@ -60,28 +62,42 @@ def region_entropy(probabilities: ArrayLike) -> np.ndarray:
     return binary_entropy(probabilities).sum(0)
 
 
+def class_votes(labels: Tensor, num_classes: int) -> Tensor:
+    """``labels [M, *S]`` (integer label maps of M members) → ``[C, *S]`` float32: members voting for each class."""
+    return torch.stack([(labels == c).sum(0).float() for c in range(num_classes)])
+
+
+def votes_disagreement(votes: Tensor, members: int) -> Tensor:
+    """``votes [C, *S]`` of M members (:func:`class_votes`, possibly summed over folds) → ``[*S]``: the fraction
+    of the M(M-1)/2 member pairs whose labels differ (zeros for M < 2)."""
+    if members < 2:
+        return torch.zeros(votes.shape[1:], dtype=torch.float32, device=votes.device)
+    agree = torch.zeros(votes.shape[1:], dtype=torch.float32, device=votes.device)
+    for n_c in votes:
+        agree += n_c * (n_c - 1)
+    return 1 - agree / (members * (members - 1))
+
+
+def mask_votes_disagreement(votes: Tensor, members: int) -> Tensor:
+    """``votes [R, *S]``: how many of M members' masks contain region r → ``[R, *S]`` per-region fraction of
+    member pairs whose masks differ (zeros for M < 2)."""
+    if members < 2:
+        return torch.zeros(votes.shape, dtype=torch.float32, device=votes.device)
+    n = votes
+    return 1 - (n * (n - 1) + (members - n) * (members - n - 1)) / (members * (members - 1))
+
+
 def region_disagreement(masks: Tensor) -> Tensor:
     """``masks [K, R, *S]`` (the K samples' binary region masks) → ``[R, *S]``: per region the fraction of sample
     pairs whose masks differ (zeros for K = 1)."""
-    k = masks.shape[0]
-    if k < 2:
-        return torch.zeros(masks.shape[1:], dtype=torch.float32, device=masks.device)
-    n = masks.float().sum(0)  # samples voting "in the region"
-    return 1 - (n * (n - 1) + (k - n) * (k - n - 1)) / (k * (k - 1))
+    return mask_votes_disagreement(masks.float().sum(0), masks.shape[0])  # samples voting "in the region"
 
 
 def pairwise_disagreement(labels: Tensor, num_classes: int) -> Tensor:
     """``labels [K, *S]`` (integer label maps of K samples) → fraction of sample pairs that disagree ``[*S]``.
 
     Returns zeros for K = 1."""
-    k = labels.shape[0]
-    if k < 2:
-        return torch.zeros(labels.shape[1:], dtype=torch.float32, device=labels.device)
-    agree = torch.zeros(labels.shape[1:], dtype=torch.float32, device=labels.device)
-    for c in range(num_classes):
-        n_c = (labels == c).sum(0).float()
-        agree += n_c * (n_c - 1)
-    return 1 - agree / (k * (k - 1))
+    return votes_disagreement(class_votes(labels, num_classes), labels.shape[0])
 
 
 class SampleAccumulator:
@@ -134,6 +150,15 @@ class SampleAccumulator:
         (a sample's mask is its stitched probability > 0.5)."""
         self.check_complete()
         return region_disagreement(self.probabilities() > 0.5).cpu()
+
+    def votes(self) -> Tensor:
+        """``[C, *S]`` float32 on the CPU: how many of the K stitched samples vote for each class (regions: contain
+        each region), to be summed over folds and given to :func:`votes_disagreement` (regions:
+        :func:`mask_votes_disagreement`)."""
+        self.check_complete()
+        if self.multilabel:
+            return (self.probabilities() > 0.5).float().sum(0).cpu()
+        return class_votes(self.sum.argmax(1), self.num_classes).cpu()
 
     def check_complete(self) -> None:
         if self.index != len(self.slicers):
