@@ -143,3 +143,21 @@ def test_missing_npz_and_untrained_configuration_exit_2(trained, tmp_path, monke
     finally:
         for f in hidden.iterdir():
             shutil.move(str(f), validation / f.name)
+
+
+def test_predict_with_two_folds_counts_fold_sample_pairs(trained, tmp_path, monkeypatch):
+    """``mfs_predict -f 0 1 --num_samples 2``: 4 members, 6 pairs — the fold 0 pair, the fold 1 pair (each fold's
+    own map, from a run with that fold only) and 4 cross-fold pairs: 6·D − d0 − d1 is a count in 0 … 4."""
+    set_env(trained, monkeypatch)
+    flags = ["-i", str(trained.inputs), "-m", str(trained.models["3d_fullres"]), "-device", "cpu", "-npp", "0",
+             "-nps", "0", "--disable_tta", "--num_samples", "2", "--seed", "5", "--save_uncertainty"]
+    for name, folds in (("both", ["0", "1"]), ("f0", ["0"]), ("f1", ["1"])):
+        assert predict.main([*flags, "-o", str(tmp_path / name), "-f", *folds]) == 0
+    for f in trained.inputs.iterdir():
+        case = f.name[: -len("_0000.nii.gz")]
+        d = {name: sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name / "uncertainty" /
+                                                             f"{case}_disagreement.nii.gz")))
+             for name in ("both", "f0", "f1")}
+        cross = 6 * d["both"] - d["f0"] - d["f1"]
+        assert np.allclose(cross, np.round(cross), atol=1e-4) and cross.min() > -1e-4 and cross.max() < 4 + 1e-4
+        assert 0 <= d["both"].min() and d["both"].max() <= 1
