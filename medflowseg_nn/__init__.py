@@ -2,8 +2,8 @@
 
 Layers, bottom up (each may import only the ones before it): ``errors``; ``flow/`` and ``networks/`` (no nnU-Net);
 ``config`` (the plans' ``flow_matching`` block), ``model`` (builds the vector field from plans), ``profiling/``;
-``nnunet_compat`` (the only door to nnU-Net internals); ``inference/``, ``evaluation``, ``calibration``,
-``dataset_checks``, ``synthetic``; ``plugins`` (finds trainers and planners by name); ``cli/``. The trainers and
+``nnunet_compat`` (the only door to nnU-Net internals); ``evaluation``, ``calibration``, ``temperature``,
+``nifti_integrity``, ``dataset_checks``; ``inference/``, ``synthetic``; ``plugins`` (finds trainers and planners by name); ``cli/``. The trainers and
 planners (``medflowseg_nn.trainers``, ``medflowseg_nn.planners``, from the repository folders ``trainers/`` and
 ``planners/``) sit on top and are never imported from here.
 """

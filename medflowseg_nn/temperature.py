@@ -22,7 +22,8 @@ from scipy.optimize import minimize_scalar
 
 from medflowseg_nn.errors import UserError
 
-__all__ = ["apply_temperature", "fit_temperature", "fit_temperature_on_folder", "save_temperature", "load_temperature", "TEMPERATURE_FILE",
+__all__ = ["apply_temperature", "fit_temperature", "fit_temperature_on_folder", "fit_validation_temperature",
+           "save_temperature", "load_temperature", "TEMPERATURE_FILE",
            "T_BOUNDS"]
 logger = logging.getLogger(__name__)
 TEMPERATURE_FILE = "temperature.json"
@@ -84,10 +85,11 @@ def fit_temperature(probabilities: Sequence[np.ndarray], labels: Sequence[np.nda
 
 
 def fit_temperature_on_folder(prob_dir: str, ref_dir: str, file_ending: str = ".nii.gz", roi_dilation: int = 3,
-                              max_cases: Optional[int] = None) -> tuple[float, dict]:
+                              max_cases: Optional[int] = None,
+                              ignore_label: Optional[int] = None) -> tuple[float, dict]:
     """Fit T on every ``prob_dir/CASE.npz`` (nnU-Net's ``probabilities`` [C, *S], e.g. a fold's final validation
     with ``--npz``) against ``ref_dir/CASE{file_ending}``, in each reference's ROI (foreground dilated by
-    ``roi_dilation`` voxels). Returns T and a JSON-ready description of what it was fitted on."""
+    ``roi_dilation`` voxels; voxels with ``ignore_label`` left out). Returns T and a JSON-ready description."""
     from medflowseg_nn.calibration import reference_roi
     from medflowseg_nn.calibration_folder import read_probabilities, read_reference
     cases = sorted(f[:-4] for f in os.listdir(prob_dir) if f.endswith(".npz"))[:max_cases]
@@ -95,12 +97,33 @@ def fit_temperature_on_folder(prob_dir: str, ref_dir: str, file_ending: str = ".
         raise UserError(f"no CASE.npz probabilities in {prob_dir} to fit a temperature on")
     probs, refs, rois = [], [], []
     for case in cases:
-        probs.append(read_probabilities(os.path.join(prob_dir, case + ".npz")))
-        refs.append(read_reference(os.path.join(ref_dir, case + file_ending)))
-        rois.append(reference_roi(refs[-1], roi_dilation))
+        p = read_probabilities(os.path.join(prob_dir, case + ".npz"))
+        ref = read_reference(os.path.join(ref_dir, case + file_ending))
+        if p.shape[1:] != ref.shape and [n for n in p.shape[1:] if n != 1] == [n for n in ref.shape if n != 1]:
+            p = p.reshape(p.shape[0], *ref.shape)  # 2d: nnU-Net writes [C, 1, H, W] for an [H, W] reference
+        probs.append(p)
+        keep = np.ones(ref.shape, bool) if ignore_label is None else ref != ignore_label
+        refs.append(np.where(keep, ref, 0))
+        rois.append(reference_roi(refs[-1], roi_dilation) & keep)
     temperature = fit_temperature(probs, refs, rois)
     return temperature, {"cases": cases, "roi_dilation": roi_dilation, "objective": "NLL in the reference ROI",
                          "probabilities": os.path.abspath(prob_dir)}
+
+
+def fit_validation_temperature(fold_folder: str, gt_folder: str, file_ending: str, sampler: dict,
+                               ignore_label: Optional[int] = None, keep_probabilities: bool = False) -> float:
+    """After a fold's final validation with probabilities (``fold_folder/validation/CASE.npz``): fit T against
+    ``gt_folder``, save it with the ``sampler`` settings it holds for (``fold_folder/temperature.json``) and, unless
+    ``keep_probabilities``, remove the ``.npz`` / ``.pkl`` files the validation wrote for it."""
+    validation = os.path.join(fold_folder, "validation")
+    temperature, info = fit_temperature_on_folder(validation, gt_folder, file_ending, ignore_label=ignore_label)
+    save_temperature(fold_folder, temperature, {**info, "sampler": sampler})
+    if not keep_probabilities:
+        for name in os.listdir(validation):
+            if name.endswith((".npz", ".pkl")):
+                os.remove(os.path.join(validation, name))
+    logger.info("fold temperature %.3f fitted on %d validation cases (%s)", temperature, len(info["cases"]), sampler)
+    return temperature
 
 
 def save_temperature(folder: str, temperature: float, fitted_on: dict) -> str:
@@ -113,15 +136,23 @@ def save_temperature(folder: str, temperature: float, fitted_on: dict) -> str:
     return path
 
 
-def load_temperature(folder: str) -> Optional[float]:
-    """The temperature saved in ``folder`` or ``None`` when there is none; a broken file is a UserError."""
+def load_temperature(folder: str, sampler: Optional[dict] = None) -> Optional[float]:
+    """The temperature saved in ``folder``; ``None`` when there is none or when it was fitted for other
+    ``sampler`` settings than these (a T fitted for one sample at one step over-softens K averaged samples).
+    A broken file is a UserError."""
     path = os.path.join(folder, TEMPERATURE_FILE)
     if not os.path.isfile(path):
         return None
     try:
-        value = float(json.load(open(path))["temperature"])
+        content = json.load(open(path))
+        value = float(content["temperature"])
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path} is not a temperature file ({e}); delete it or refit it") from e
     if not T_BOUNDS[0] <= value <= T_BOUNDS[1]:
         raise UserError(f"{path}: temperature {value} outside {T_BOUNDS}")
+    fitted_for = (content.get("fitted_on") or {}).get("sampler")
+    if sampler is not None and fitted_for is not None and fitted_for != sampler:
+        logger.info("%s was fitted for %s, not %s: probabilities are not temperature-scaled", path, fitted_for,
+                    sampler)
+        return None
     return value

@@ -1,13 +1,12 @@
 """MedFlowSegTrainer: nnU-Net's trainer with a flow-matching objective.
 
-Import as ``medflowseg_nn.trainers.mfs_trainer`` (the repository folder ``trainers/`` is installed under the
-``medflowseg_nn`` namespace).
-
+Import as ``medflowseg_nn.trainers.mfs_trainer`` (the folder ``trainers/`` is installed under ``medflowseg_nn``).
 Kept from nnU-Net: data loading and augmentation, optimiser and poly LR, logging and progress.png, checkpoints,
 ``--c`` / ``--val``, final validation and export. Changed: the network (:class:`VectorFieldUNet`, built from the
 plans), the objective (:class:`FlowMatchingLoss` on x_t = (1 − t) x0 + t x1), validation (pseudo Dice of
-one-step inference from a seeded prior, plus a multi-step Dice on the first batches) and the predictor used
-for the final validation (:class:`MedFlowSegPredictor`).
+one-step inference from a seeded prior, plus a multi-step Dice on the first batches), the predictor used
+for the final validation (:class:`MedFlowSegPredictor`), after which a temperature is fitted on the validation
+probabilities (``fold_X/temperature.json``, applied by ``mfs_predict``; not for regions).
 
 Deep supervision follows the plans (``flow_matching.network.deep_supervision``, on by default for new plans): when on,
 nnU-Net's dataloaders deliver the list of downsampled targets and the network's auxiliary heads get nnU-Net's
@@ -38,7 +37,6 @@ from tqdm import tqdm
 
 from medflowseg_nn import nnunet_compat
 from medflowseg_nn.config import PLANS_KEY, FlowMatchingConfig
-from medflowseg_nn.errors import UserError
 from medflowseg_nn.flow.label_space import LabelTarget, encode_labels, encode_regions, prior_where_ignored
 from medflowseg_nn.flow.loss import FlowMatchingLoss, interpret_output
 from medflowseg_nn.flow.path import LinearPath
@@ -46,6 +44,8 @@ from medflowseg_nn.flow.solver import sample_prior
 from medflowseg_nn.inference.predictor import MedFlowSegPredictor
 from medflowseg_nn.inference.sampler import FlowSegmenter
 from medflowseg_nn.model import build_vector_field, check_memory_estimate
+from medflowseg_nn.temperature import fit_validation_temperature
+from medflowseg_nn.trainers.label_definition import check_label_definition
 
 #: ``[B, 1, *S]`` labels, or nnU-Net's deep-supervision list of them (full resolution first)
 Target = Union[torch.Tensor, list[torch.Tensor]]
@@ -62,6 +62,8 @@ class MedFlowSegTrainer(nnUNetTrainer):
     #: multi-step Euler validation Dice is computed on this many validation batches per epoch (0 = off)
     val_multistep_batches: int = 2
     val_multistep_steps: int = 4
+    #: fit a temperature on the final validation (:func:`medflowseg_nn.temperature.fit_validation_temperature`)
+    fit_temperature: bool = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -282,19 +284,15 @@ class MedFlowSegTrainer(nnUNetTrainer):
                                    f"{len(self._multistep_stats)} batches)", [round(d, 4) for d in dice])
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
-        """nnU-Net's final validation, run through :class:`MedFlowSegPredictor` (one-step inference)."""
+        """nnU-Net's final validation, run through :class:`MedFlowSegPredictor` (the plans' sampler, K = 1), then
+        the fold's temperature fitted on its probabilities (kept only with ``--npz``)."""
+        fit = self.fit_temperature and not self.label_manager.has_regions
         with nnunet_compat.validation_predictor(MedFlowSegPredictor):
-            super().perform_actual_validation(save_probabilities)
+            super().perform_actual_validation(save_probabilities or fit)
+        if fit and self.local_rank == 0:
+            fit_validation_temperature(
+                self.output_folder, os.path.join(self.preprocessed_dataset_folder_base, "gt_segmentations"),
+                self.dataset_json["file_ending"],
+                MedFlowSegPredictor.sampler_settings(self.flow_config.solver_config(), 1),
+                self.label_manager.ignore_label, keep_probabilities=save_probabilities)
 
-
-def check_label_definition(plans: dict, dataset_json: dict) -> None:
-    """Build nnU-Net's label manager for ``dataset_json`` (as nnU-Net's trainer will) and turn its assertion
-    into a one-line :class:`UserError` naming the dataset.json key (e.g. an ``ignore`` label that is not the
-    highest label, regions without ``regions_class_order``). Every combination nnU-Net's label manager accepts
-    — plain labels, regions, the ignore label, regions with the ignore label — is trained."""
-    try:
-        PlansManager(plans).get_label_manager(dataset_json)
-    except AssertionError as e:
-        message = " ".join(str(e).split())
-        key = "ignore" if "ignore" in message.lower() else "regions_class_order"
-        raise UserError(f"dataset.json key {key!r} is not usable: {message}") from None

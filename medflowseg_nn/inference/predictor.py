@@ -25,28 +25,41 @@ from torch import Tensor, nn
 from medflowseg_nn import nnunet_compat
 from medflowseg_nn.config import FlowMatchingConfig
 from medflowseg_nn.errors import UserError
+from medflowseg_nn.flow.solver import SolverConfig
 from medflowseg_nn.inference.sampler import FlowSegmenter
 from medflowseg_nn.inference.sliding_window import CasePrediction, stitch_patches
 from medflowseg_nn.inference.uncertainty import mask_votes_disagreement, votes_disagreement
 from medflowseg_nn.model import build_vector_field
+from medflowseg_nn.temperature import load_temperature
 
 logger = logging.getLogger(__name__)
 
 
 class MedFlowSegPredictor(nnUNetPredictor):
     """Arguments as :class:`nnUNetPredictor`, plus the sampling options (``None`` = the plans' default):
-    ``steps`` and ``solver`` of the ODE, prior ``seed`` (sample k uses seed + k), ``num_samples`` K."""
+    ``steps`` and ``solver`` of the ODE, prior ``seed`` (sample k uses seed + k), ``num_samples`` K, and
+    ``use_temperature``: divide each fold's logits by the temperature fitted on its validation
+    (``fold_X/temperature.json``, :mod:`medflowseg_nn.temperature`) when it was fitted for these sampler settings.
+    Only probabilities change; a single fold's segmentation is the same."""
 
     def __init__(self, tile_step_size: float = 0.5, use_gaussian: bool = True, use_mirroring: bool = True,
                  perform_everything_on_device: bool = True, device: torch.device = torch.device("cuda"),
                  verbose: bool = False, verbose_preprocessing: bool = False, allow_tqdm: bool = True,
                  steps: Optional[int] = None, solver: Optional[str] = None, seed: Optional[int] = None,
-                 num_samples: int = 1):
+                 num_samples: int = 1, use_temperature: bool = True):
         super().__init__(tile_step_size, use_gaussian, use_mirroring, perform_everything_on_device, device,
                          verbose, verbose_preprocessing, allow_tqdm)
         if num_samples < 1:
             raise UserError(f"--num_samples must be >= 1, got {num_samples}")
         self.steps, self.solver, self.seed, self.num_samples = steps, solver, seed, num_samples
+        self.use_temperature = use_temperature
+        #: per entry of ``list_of_parameters``: its temperature or None (set when loading a model folder)
+        self.fold_temperatures: list[Optional[float]] = []
+
+    @staticmethod
+    def sampler_settings(solver: SolverConfig, num_samples: int) -> dict:
+        """What a fitted temperature holds for: ODE steps, method and K (the prior seed does not matter)."""
+        return {"steps": int(solver.steps), "solver": solver.method, "num_samples": int(num_samples)}
 
     @property
     def segmenter(self) -> FlowSegmenter:
@@ -126,10 +139,13 @@ class MedFlowSegPredictor(nnUNetPredictor):
         with_votes = with_disagreement and folds > 1
         try:
             logits, disagreement, votes = None, None, None
-            for params in self.list_of_parameters:
+            for i, params in enumerate(self.list_of_parameters):
                 self.segmenter.load_state_dict(params)
                 one = self._predict_one_model(data, with_disagreement, with_votes)
-                logits = one.logits.to("cpu") if logits is None else logits + one.logits.to("cpu")
+                fold_logits = one.logits.to("cpu")
+                if i < len(self.fold_temperatures) and self.fold_temperatures[i] is not None:
+                    fold_logits = (fold_logits.float() / self.fold_temperatures[i]).to(fold_logits.dtype)
+                logits = fold_logits if logits is None else logits + fold_logits
                 disagreement = one.disagreement
                 if with_votes:
                     votes = one.votes if votes is None else votes + one.votes
@@ -187,5 +203,9 @@ class MedFlowSegPredictor(nnUNetPredictor):
         network.load_state_dict(parameters[0])
         self.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                    checkpoint["trainer_name"], checkpoint.get("inference_allowed_mirroring_axes"))
-        logger.info("loaded %s (%s, folds %s) with %s", model_training_output_dir, checkpoint["trainer_name"],
-                    list(use_folds), self.segmenter.solver)
+        settings = self.sampler_settings(self.segmenter.solver, self.num_samples)
+        self.fold_temperatures = [
+            load_temperature(join(model_training_output_dir, f"fold_{f}"), settings)
+            if self.use_temperature and not self.label_manager.has_regions else None for f in use_folds]
+        logger.info("loaded %s (%s, folds %s) with %s; temperatures %s", model_training_output_dir,
+                    checkpoint["trainer_name"], list(use_folds), self.segmenter.solver, self.fold_temperatures)

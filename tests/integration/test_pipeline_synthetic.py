@@ -7,8 +7,10 @@ import shutil
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from medflowseg_nn.cli import plan_and_preprocess, predict, train
+from medflowseg_nn.inference.predictor import MedFlowSegPredictor
 from medflowseg_nn.synthetic import make_synthetic_dataset
 
 
@@ -41,6 +43,23 @@ def test_plan_train_predict(nnunet_env, tmp_path, shape, configuration):
     assert block["network"]["dbsa_stages"] is None and block["network"]["faa_stages"] is None
     expected = {**block, "network": {**block["network"], "dbsa_stages": [n - 2], "faa_stages": [n - 2, n - 1]}}
     assert json.loads((model / "plans.json").read_text())["flow_matching"] == expected
+
+    # the fold's temperature, fitted on the validation probabilities, which are not kept without --npz
+    fitted = json.loads((fold / "temperature.json").read_text())
+    assert fitted["fitted_on"]["sampler"] == {"steps": 1, "solver": "euler", "num_samples": 1}
+    assert 0.05 <= fitted["temperature"] <= 20 and not list((fold / "validation").glob("*.npz"))
+    # mfs_predict divides the logits by it when the sampler settings match, and not for other settings
+    loaded = {}
+    for name, kwargs in (("T", {}), ("off", {"use_temperature": False}), ("K2", {"num_samples": 2})):
+        loaded[name] = MedFlowSegPredictor(device=torch.device("cpu"), allow_tqdm=False, **kwargs)
+        loaded[name].initialize_from_trained_model_folder(str(model), (0,))
+    assert loaded["T"].fold_temperatures == [fitted["temperature"]]
+    assert loaded["off"].fold_temperatures == [None] and loaded["K2"].fold_temperatures == [None]
+    patch = plans["configurations"][configuration]["patch_size"]
+    data = torch.randn(1, *([1] if len(patch) == 2 else []), *patch)  # nnU-Net's 2d cases are [C, 1, H, W]
+    scaled, plain = (loaded[k].predict_case(data).logits for k in ("T", "off"))
+    assert scaled.dtype == plain.dtype and torch.equal(scaled.argmax(0), plain.argmax(0))
+    assert torch.allclose(scaled.float(), plain.float() / fitted["temperature"], rtol=2e-3, atol=2e-3)  # float16
 
     out = tmp_path / "pred"
     assert predict.main(["-i", str(raw / "imagesTs"), "-o", str(out), "-d", "990", "-c", configuration,
