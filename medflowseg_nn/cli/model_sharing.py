@@ -2,8 +2,9 @@
 
 ``mfs_export_model_to_zip -d D -c C -tr TR -p P -f F -o FILE.zip`` (nnU-Net's flags; trainer and plans default
 to ``MedFlowSegTrainer`` / ``MedFlowSegPlans``) runs nnU-Net's ``export_pretrained_model``: per fold the
-checkpoints (``-chk``), ``progress.png``, ``validation/summary.json`` (all predictions with ``--exp_cv_preds``),
-and per configuration the results folder's ``plans.json``, ``dataset.json`` and ``dataset_fingerprint.json``.
+checkpoints (``-chk``), ``progress.png``, ``validation/summary.json`` (all predictions with ``--exp_cv_preds``), our
+``temperature.json`` (appended: nnU-Net's export does not know it), and per configuration the results folder's
+``plans.json``, ``dataset.json`` and ``dataset_fingerprint.json``.
 That ``plans.json`` carries the ``flow_matching`` block the trainer resolved and trained with (every key written
 out), so the installed model predicts the same way whatever a later version of this code takes as default; the
 export refuses a model whose block is missing or incomplete.
@@ -23,6 +24,7 @@ from medflowseg_nn.cli.common import cli_errors, require_env, setup_logging
 from medflowseg_nn.cli.postprocessing import quiet_call
 from medflowseg_nn.cli.train import DEFAULT_PLANS, DEFAULT_TRAINER
 from medflowseg_nn.errors import UserError
+from medflowseg_nn.temperature import TEMPERATURE_FILE
 
 
 def results_dataset_name(dataset: str) -> str:
@@ -88,7 +90,12 @@ def export_model(dataset: str, output_file: str, configurations: Sequence[str], 
                configurations=tuple(present), trainer=trainer, plans_identifier=plans,
                folds=tuple(f if f == "all" else int(f) for f in folds), strict=strict,
                save_checkpoints=tuple(checkpoints), export_crossval_predictions=export_crossval_predictions)
-    with zipfile.ZipFile(output_file) as z:
+    with zipfile.ZipFile(output_file, "a") as z:  # nnU-Net's export knows nothing of the fold temperatures
+        for c in present:
+            for f in folds:
+                src = os.path.join(results, name, f"{trainer}__{plans}__{c}", f"fold_{f}", TEMPERATURE_FILE)
+                if os.path.isfile(src):
+                    z.write(src, os.path.relpath(src, results))
         return z.namelist()
 
 

@@ -45,6 +45,7 @@ def test_export_install_predict_is_bit_identical(trained, tmp_path, monkeypatch,
         names = z.namelist()
         plans = json.loads(z.read(f"{model.parent.name}/{model.name}/plans.json"))
     assert f"{model.parent.name}/{model.name}/fold_0/checkpoint_final.pth" in names
+    assert f"{model.parent.name}/{model.name}/fold_0/temperature.json" in names  # the trainer fitted one
     block = plans["flow_matching"]  # resolved: every key written out, nothing left to code defaults
     assert block == FlowMatchingConfig.from_dict(block).to_dict() and block["network"]["dbsa_stages"] is not None
     assert predict_into(model, inputs, tmp_path / "orig", "0", "--seed", "7", "--num_samples", "2") == 0
@@ -54,6 +55,8 @@ def test_export_install_predict_is_bit_identical(trained, tmp_path, monkeypatch,
     assert model_sharing.main_install([str(zip_file)]) == 0
     installed = fresh / model.parent.name / model.name
     assert f"installed {installed}" in capsys.readouterr().out
+    fitted = "fold_0/temperature.json"
+    assert (installed / fitted).read_text() == (model / fitted).read_text()
     assert predict_into(installed, inputs, tmp_path / "inst", "0", "--seed", "7", "--num_samples", "2") == 0
     (p0, s0), (p1, s1) = outputs(tmp_path / "orig", case), outputs(tmp_path / "inst", case)
     assert np.array_equal(p0, p1) and np.array_equal(s0, s1)
