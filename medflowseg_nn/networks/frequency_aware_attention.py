@@ -92,12 +92,13 @@ class FrequencyAwareAttention(nn.Module):
         self.proj = conv_op(channels, channels, kernel_size=1)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
-        self._interp_cache: dict[tuple[tuple[int, ...], str], tuple[Tensor, Tensor]] = {}
+        self._interp_cache: dict[tuple[tuple[int, ...], str, bool], tuple[Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------------ spectral
     def _interp_weights(self, spatial_shape: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor]:
         """Cached (lower band index [*F] long, upper-band weight [*F] float32) for the rfft grid."""
-        key = (tuple(int(s) for s in spatial_shape), str(device))
+        # tensors made under torch.inference_mode cannot be saved for backward later: one entry per mode
+        key = (tuple(int(s) for s in spatial_shape), str(device), torch.is_inference_mode_enabled())
         cached = self._interp_cache.get(key)
         if cached is None:
             r = normalised_radius(spatial_shape, device=device)

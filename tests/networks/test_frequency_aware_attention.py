@@ -159,3 +159,17 @@ def test_feature_map_size_estimate(conv_op: type[nn.Module], shape: tuple[int, .
     assert size >= 4 * n + 2 * 4 * nf  # at least input copy + complex spectrum
     assert size <= 100 * 4 * n
     assert block.compute_conv_feature_map_size([2 * s for s in shape]) > size
+
+
+@pytest.mark.parametrize("conv_op,shape", [(nn.Conv2d, (12, 10)), (nn.Conv3d, (8, 12, 8))])
+def test_training_after_inference_mode_on_the_same_shape(conv_op: type[nn.Module], shape: tuple[int, ...]) -> None:
+    """Predict (torch.inference_mode), then train on the same patch size: the cached rfft-grid tensors of
+    inference mode must not reach autograd ("Inference tensors cannot be saved for backward")."""
+    block = _make(conv_op, 2)
+    _perturb(block)
+    x, temb = _inputs(shape, 2)
+    with torch.inference_mode():
+        expected = block(x, temb)
+    out = block(x, temb)
+    out.square().mean().backward()
+    assert block.bands.grad is not None and torch.allclose(out.detach(), expected, atol=1e-6)
