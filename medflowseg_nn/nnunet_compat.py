@@ -54,10 +54,12 @@ def sliding_window_slicers(predictor, padded_shape: Sequence[int]) -> list[tuple
 
 
 def background_preprocessing(predictor, list_of_lists: list[list[str]], output_files: list[str],
-                             num_processes: int) -> Iterator[dict]:
-    """nnU-Net's background preprocessing of raw files: yields ``{'data', 'data_properties', 'ofile'}``."""
-    return predictor._internal_get_data_iterator_from_lists_of_filenames(list_of_lists, None, output_files,
-                                                                         num_processes)
+                             num_processes: int, segs_from_prev_stage: Optional[list[Optional[str]]] = None
+                             ) -> Iterator[dict]:
+    """nnU-Net's background preprocessing of raw files: yields ``{'data', 'data_properties', 'ofile'}``; with
+    ``segs_from_prev_stage`` (cascade) ``data`` ends with the one-hot foreground labels of each case's file."""
+    return predictor._internal_get_data_iterator_from_lists_of_filenames(list_of_lists, segs_from_prev_stage,
+                                                                         output_files, num_processes)
 
 
 def pool_workers(pool: multiprocessing.pool.Pool) -> list:

@@ -61,9 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", nargs="+", default=list(DEFAULT_CONFIGURATIONS), help="configurations to preprocess")
     p.add_argument("-np", nargs="+", type=int, default=None,
                    help="processes per configuration (one number, or one per -c entry); default 2")
-    p.add_argument("-pl", default=DEFAULT_PLANNER, help=f"experiment planner (default {DEFAULT_PLANNER})")
+    p.add_argument("-pl", default=DEFAULT_PLANNER,
+                   help=f"experiment planner (default {DEFAULT_PLANNER}; nnU-Net's residual-encoder presets: "
+                        "MedFlowSegPlannerResEncM, ...ResEncL, ...ResEncXL, plans MedFlowSegResEncUNet{M,L,XL}Plans)")
     p.add_argument("--gpu_memory_target", type=float, default=None, help="GPU memory in GB to plan for (8)")
-    p.add_argument("-overwrite_plans_name", default=None, help="plans identifier (default MedFlowSegPlans)")
+    p.add_argument("-overwrite_plans_name", default=None, help="plans identifier (default: the planner's, MedFlowSegPlans)")
     p.add_argument("-overwrite_target_spacing", nargs="+", type=float, default=None)
     p.add_argument("--verify_dataset_integrity", action="store_true", default=True,
                    help="check the raw dataset first (default on)")

@@ -12,6 +12,9 @@ Outputs (in -o unless noted): ``CASE<ending>`` segmentation; ``--save_probabilit
 ``CASE_disagreement.nii.gz`` = fraction of the K samples' pairs whose labels differ (0 for K = 1), both float32
 with the input image's geometry; ``--overlay_png DIR``: ``CASE.png`` middle slices with labels (and entropy).
 
+Cascade (nnU-Net's): predict ``-c 3d_lowres`` into DIR first, then ``-c 3d_cascade_fullres
+-prev_stage_predictions DIR``; the low-resolution segmentation enters as one-hot input channels.
+
 Robust folder runs: every case is checked first (readable, channel count); a bad case is skipped and reported
 at the end (one line naming the file and the problem, exit code 2) while all others are written. Files are
 written to ``.mfs_partial/`` and moved into place, so a killed run never leaves a truncated output, and a rerun
@@ -52,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", default=DEFAULT_PLANS)
     p.add_argument("-f", nargs="+", default=None, help="folds (default: all found)")
     p.add_argument("-chk", default="checkpoint_final.pth")
+    p.add_argument("-prev_stage_predictions", default=None, metavar="DIR",
+                   help="cascade (-c 3d_cascade_fullres): folder with the previous stage's (3d_lowres) "
+                        "segmentations CASE<ending> of the input cases")
     p.add_argument("-step_size", type=float, default=0.5)
     p.add_argument("--disable_tta", action="store_true", help="no mirroring")
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default: plans, 1)")
@@ -108,7 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     options = ExportOptions(save_probabilities=args.save_probabilities, uncertainty_folder=uncertainty,
                             overlay_folder=args.overlay_png)
     failures = predict_folder(input_folder=args.i, output_folder=args.o, model_folder=model, settings=settings,
-                              options=options)
+                              options=options, prev_stage_predictions=args.prev_stage_predictions)
     if failures:
         print(f"error: {len(failures)} case(s) could not be predicted (all others were written to {args.o}):",
               file=sys.stderr)

@@ -25,6 +25,7 @@ from batchgenerators.utilities.file_and_folder_operations import save_json
 
 from medflowseg_nn import nnunet_compat
 from medflowseg_nn.errors import UserError, one_line
+from medflowseg_nn.inference.cascade import append_previous_stage, missing_previous_stage, previous_stage_files
 from medflowseg_nn.inference.export import case_arrays, remove_empty_partial_dirs, write_case
 from medflowseg_nn.inference.predictor import MedFlowSegPredictor
 
@@ -47,6 +48,7 @@ class CaseJob:
     case: str
     files: tuple[str, ...]
     output_truncated: str  # output folder / case id; nnU-Net appends the file ending
+    prev_stage: Optional[str] = None  # cascade: the previous stage's segmentation of the case
 
 
 @dataclass(frozen=True)
@@ -165,8 +167,9 @@ def preprocessed_cases(predictor: MedFlowSegPredictor, jobs: Sequence[CaseJob], 
     remaining = {j.output_truncated: j for j in jobs}
     if num_processes > 0 and jobs:
         try:
+            prev = [j.prev_stage for j in jobs] if any(j.prev_stage for j in jobs) else None
             for item in nnunet_compat.background_preprocessing(predictor, [list(j.files) for j in jobs],
-                                                               list(remaining), num_processes):
+                                                               list(remaining), num_processes, prev):
                 yield remaining.pop(item["ofile"]), item
         except RuntimeError as e:
             logger.warning("background preprocessing failed (%s); preprocessing the remaining %d case(s) in this "
@@ -174,8 +177,10 @@ def preprocessed_cases(predictor: MedFlowSegPredictor, jobs: Sequence[CaseJob], 
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=predictor.verbose_preprocessing)
     for job in list(remaining.values()):
         try:
-            data, _, props = preprocessor.run_case(list(job.files), None, predictor.plans_manager,
-                                                   predictor.configuration_manager, predictor.dataset_json)
+            data, seg, props = preprocessor.run_case(list(job.files), job.prev_stage, predictor.plans_manager,
+                                                     predictor.configuration_manager, predictor.dataset_json)
+            if job.prev_stage is not None:
+                data = append_previous_stage(data, seg, predictor.label_manager.foreground_labels)
         except Exception as e:  # noqa: BLE001 - reported per case
             failures[job.case] = f"{os.path.basename(job.files[0])}: preprocessing failed ({one_line(e)})"
             continue
@@ -231,8 +236,12 @@ def predict_cases(predictor: MedFlowSegPredictor, jobs: Sequence[CaseJob], optio
 
 def predict_folder(input_folder: str, output_folder: str, model_folder: str,
                    settings: PredictionSettings = PredictionSettings(),
-                   options: ExportOptions = ExportOptions()) -> dict[str, str]:
+                   options: ExportOptions = ExportOptions(),
+                   prev_stage_predictions: Optional[str] = None) -> dict[str, str]:
     """Predict every case of ``input_folder`` into ``output_folder`` (nnU-Net file naming and geometry).
+
+    A cascade stage (``3d_cascade_fullres``) needs ``prev_stage_predictions``: the folder of the previous stage's
+    ``CASE<ending>`` segmentations (see :mod:`medflowseg_nn.inference.cascade`); a case without one fails alone.
 
     Cases whose outputs all exist are skipped unless ``settings.overwrite``. Returns ``{case: problem}`` for the
     cases that could not be predicted (invalid input or failure); every other case is written."""
@@ -247,14 +256,18 @@ def predict_folder(input_folder: str, output_folder: str, model_folder: str,
     num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
     if options.uncertainty_folder and s.num_samples < 2:
         logger.warning("--num_samples 1: the disagreement maps are all 0 (they need K >= 2 samples)")
-    jobs = [CaseJob(c, tuple(f), os.path.join(output_folder, c))
-            for c, f in sorted(list_cases(input_folder, ending).items())][s.part_id::s.num_parts]
+    cases = sorted(list_cases(input_folder, ending).items())
+    prev = previous_stage_files([c for c, _ in cases], prev_stage_predictions, ending,
+                                predictor.configuration_manager)
+    jobs = [CaseJob(c, tuple(f), os.path.join(output_folder, c), None if prev is None else prev[i])
+            for i, (c, f) in enumerate(cases)][s.part_id::s.num_parts]
     todo = [j for j in jobs if s.overwrite or not all(map(os.path.isfile, case_outputs(j, ending, options).values()))]
     if len(todo) < len(jobs):
         logger.info("skipping %d case(s) whose outputs exist in %s (--overwrite redoes them)", len(jobs) - len(todo),
                     output_folder)
     with ThreadPoolExecutor(max(1, s.num_processes_preprocessing)) as pool:
-        checks = list(pool.map(lambda j: validate_case(j.case, j.files, ending, num_channels), todo))
+        checks = list(pool.map(lambda j: validate_case(j.case, j.files, ending, num_channels)
+                               + missing_previous_stage(j.case, j.prev_stage), todo))
     failures = {j.case: "; ".join(p) for j, p in zip(todo, checks) if p}
     todo = [j for j in todo if j.case not in failures]
     folders = [f for f in (output_folder, options.uncertainty_folder, options.overlay_folder) if f]
