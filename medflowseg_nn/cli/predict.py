@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prior seed (default: plans, 0); sample k uses seed + k; same seed = identical output")
     p.add_argument("--num_samples", type=int, default=1,
                    help="K flows per patch from K seeded priors, run as one batch, probabilities averaged")
+    p.add_argument("--no_temperature", action="store_true",
+                   help="do not divide the logits by the folds' fitted temperatures (fold_X/temperature.json)")
     p.add_argument("--save_probabilities", action="store_true",
                    help="also write nnU-Net's CASE.npz ('probabilities' [C, *S], sum 1 per voxel) and CASE.pkl")
     p.add_argument("--save_uncertainty", nargs="?", const="", default=None, metavar="DIR",
@@ -108,7 +110,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     settings = PredictionSettings(
         folds=None if args.f is None else tuple(args.f), checkpoint=args.chk, step_size=args.step_size,
         disable_tta=args.disable_tta, device=pick_device(args.device), steps=args.steps, solver=args.solver,
-        seed=args.seed, num_samples=args.num_samples, overwrite=args.overwrite,
+        seed=args.seed, num_samples=args.num_samples, use_temperature=not args.no_temperature,
+        overwrite=args.overwrite,
         num_processes_preprocessing=args.npp, num_processes_export=args.nps, verbose=args.verbose,
         num_parts=args.num_parts, part_id=args.part_id)
     options = ExportOptions(save_probabilities=args.save_probabilities, uncertainty_folder=uncertainty,

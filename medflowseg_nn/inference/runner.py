@@ -64,6 +64,7 @@ class PredictionSettings:
     solver: Optional[str] = None  # --solver
     seed: Optional[int] = None  # --seed
     num_samples: int = 1  # --num_samples
+    use_temperature: bool = True  # not --no_temperature
     overwrite: bool = False  # --overwrite
     num_processes_preprocessing: int = 2  # -npp
     num_processes_export: int = 2  # -nps
@@ -136,12 +137,15 @@ def list_cases(input_folder: str, file_ending: str) -> dict[str, list[str]]:
 def validate_case(case: str, files: Sequence[str], file_ending: str, num_channels: int) -> list[str]:
     """Problems (one line each, naming the file) that would make nnU-Net fail on this case; [] if it is usable.
 
-    Reads every file (NIfTI voxels with nibabel, which, unlike SimpleITK, raises on truncated files) and checks
-    that the channels add up to the model's ``num_channels`` (a 4D file counts its 4th axis)."""
+    Readable and complete (SimpleITK silently reads truncated NIfTI: a NIfTI is judged from its header and size,
+    :mod:`medflowseg_nn.nifti_integrity`, and decoded with nibabel only when that cannot vouch for it, so the
+    voxels are not decompressed twice) and the channels add up to the model's ``num_channels`` (a 4D file counts
+    its 4th axis). NaN/Inf in a complete NIfTI input is not looked for (planning's check does that)."""
     from medflowseg_nn.dataset_checks import NATURAL_IMAGE_ENDINGS, check_case
 
     natural = file_ending.lower() in NATURAL_IMAGE_ENDINGS
-    problems, _ = check_case(case=case, image_paths=list(files), natural=natural, num_channels=num_channels)
+    problems, _ = check_case(case=case, image_paths=list(files), natural=natural, num_channels=num_channels,
+                             read_voxels=False)
     if natural or problems:
         return problems
     import SimpleITK as sitk
@@ -249,7 +253,7 @@ def predict_folder(input_folder: str, output_folder: str, model_folder: str,
     predictor = MedFlowSegPredictor(tile_step_size=s.step_size, use_gaussian=True, use_mirroring=not s.disable_tta,
                                     perform_everything_on_device=s.device.type == "cuda", device=s.device,
                                     verbose=s.verbose, allow_tqdm=True, steps=s.steps, solver=s.solver, seed=s.seed,
-                                    num_samples=s.num_samples)
+                                    num_samples=s.num_samples, use_temperature=s.use_temperature)
     predictor.initialize_from_trained_model_folder(model_folder, s.folds, s.checkpoint)
     dataset_json = predictor.dataset_json
     ending = dataset_json["file_ending"]

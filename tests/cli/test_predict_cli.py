@@ -151,3 +151,20 @@ def test_parts_are_disjoint_cover_the_folder_and_match_one_run(trained, tmp_path
     capsys.readouterr()
     assert run(trained, trained.inputs, shared, "-num_parts", "2", "-part_id", "2") == 2
     assert "-part_id must be in 0 .. 1" in capsys.readouterr().err
+
+
+def test_fold_temperature_softens_or_sharpens_probabilities_not_segmentations(trained, tmp_path):
+    import json
+    temperature = json.loads((trained.model / "fold_0" / "temperature.json").read_text())["temperature"]
+    assert run(trained, trained.inputs, tmp_path / "t", "--save_probabilities") == 0
+    assert run(trained, trained.inputs, tmp_path / "off", "--save_probabilities", "--no_temperature") == 0
+    case = trained.cases[0][: -len("_0000.nii.gz")]
+    scaled, plain = (np.load(tmp_path / d / f"{case}.npz")["probabilities"] for d in ("t", "off"))
+    seg_t, seg_off = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / d / f"{case}.nii.gz")))
+                      for d in ("t", "off"))
+    assert np.array_equal(seg_t, seg_off)
+    # p_T = softmax(log p / T), up to nnU-Net's float16 logits
+    expected = np.exp(np.log(np.clip(plain, 1e-12, None)) / temperature)
+    expected /= expected.sum(0, keepdims=True)
+    assert temperature != 1.0 and np.allclose(scaled, expected, atol=2e-2)
+    assert not np.allclose(scaled, plain, atol=1e-3) or abs(temperature - 1) < 0.05
