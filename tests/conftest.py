@@ -1,8 +1,11 @@
 """Shared fixtures: isolated nnU-Net folders, synthetic datasets and the real data path."""
 from __future__ import annotations
 
+import copy
+import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -34,3 +37,32 @@ def shared_dataset(name: str) -> Path:
     if not (folder / "dataset.json").is_file():
         pytest.skip(f"real dataset {folder} not available (set MFS_SHARED_DATA)")
     return folder
+
+
+def plan_synthetic_dataset(root: Path, monkeypatch: pytest.MonkeyPatch, dataset_id: int, *, num_train: int = 5,
+                           shape: tuple[int, ...] = (16, 20, 16), configuration: str = "3d_fullres",
+                           preprocess: bool = True, **synthetic: object) -> SimpleNamespace:
+    """nnU-Net folders under ``root`` (:func:`set_nnunet_env`), a synthetic dataset (``make_synthetic_dataset``
+    with ``synthetic`` options) planned — and preprocessed unless ``preprocess=False`` — by mfs_plan_and_preprocess.
+    Returns ``SimpleNamespace(raw, preprocessed, plans_file, plans, dataset_json)``."""
+    from medflowseg_nn.cli import plan_and_preprocess
+    from medflowseg_nn.synthetic import make_synthetic_dataset
+
+    set_nnunet_env(root, monkeypatch)
+    raw = make_synthetic_dataset(root / "nnUNet_raw", dataset_id, num_train=num_train, shape=shape, **synthetic)
+    flags = ["-d", str(dataset_id), "-c", configuration, "-np", "1", "--no_verify"]
+    assert plan_and_preprocess.main(flags if preprocess else [*flags, "--no_pp"]) == 0
+    pre = root / "nnUNet_preprocessed" / raw.name
+    return SimpleNamespace(raw=raw, preprocessed=pre, plans_file=pre / "MedFlowSegPlans.json",
+                           plans=json.loads((pre / "MedFlowSegPlans.json").read_text()),
+                           dataset_json=json.loads((pre / "dataset.json").read_text()))
+
+
+def tiny_network_plans(plans: dict, configuration: str = "3d_fullres") -> dict:
+    """A copy of ``plans`` whose network is 3 stages of 4 / 8 / 16 features with one conv each (fast trainer tests),
+    not continuing a training."""
+    plans = copy.deepcopy(plans)
+    plans["configurations"][configuration]["architecture"]["arch_kwargs"].update(
+        features_per_stage=[4, 8, 16], n_conv_per_stage=[1, 1, 1], n_conv_per_stage_decoder=[1, 1])
+    plans["continue_training"] = False
+    return plans

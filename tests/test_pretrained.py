@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from types import SimpleNamespace
 
@@ -12,12 +11,11 @@ import pytest
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from medflowseg_nn.cli import plan_and_preprocess, train
+from medflowseg_nn.cli import train
 from medflowseg_nn.errors import UserError
 from medflowseg_nn.pretrained import load_pretrained_weights
-from medflowseg_nn.synthetic import make_synthetic_dataset
 from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer
-from tests.conftest import set_nnunet_env
+from tests.conftest import plan_synthetic_dataset, tiny_network_plans
 
 CONFIG = "3d_fullres"
 PLAIN_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
@@ -25,13 +23,9 @@ NNUNET_ITERATIONS = 30
 
 
 def shrunk(plans: dict, plain: bool = False) -> dict:
-    plans = copy.deepcopy(plans)
-    arch = plans["configurations"][CONFIG]["architecture"]
-    arch["arch_kwargs"].update(features_per_stage=[4, 8, 16], n_conv_per_stage=[1, 1, 1],
-                               n_conv_per_stage_decoder=[1, 1])
+    plans = tiny_network_plans(plans, CONFIG)
     if plain:
-        arch["network_class_name"] = PLAIN_UNET
-    plans["continue_training"] = False
+        plans["configurations"][CONFIG]["architecture"]["network_class_name"] = PLAIN_UNET
     return plans
 
 
@@ -40,12 +34,8 @@ def pretrained(tmp_path_factory):
     """A planned synthetic dataset and nnU-Net's trainer run for a few iterations on its PlainConvUNet copy."""
     root = tmp_path_factory.mktemp("pretrained")
     with pytest.MonkeyPatch.context() as mp:
-        set_nnunet_env(root, mp)
-        raw = make_synthetic_dataset(root / "nnUNet_raw", 985, num_train=5, shape=(16, 20, 16))
-        assert plan_and_preprocess.main(["-d", "985", "-c", CONFIG, "-np", "1", "--no_verify"]) == 0
-        pre = root / "nnUNet_preprocessed" / raw.name
-        plans = json.loads((pre / "MedFlowSegPlans.json").read_text())
-        dataset_json = json.loads((pre / "dataset.json").read_text())
+        planned = plan_synthetic_dataset(root, mp, 985)
+        plans, dataset_json = planned.plans, planned.dataset_json
         torch.manual_seed(0)
         np.random.seed(0)
         plain = nnUNetTrainer(shrunk(plans, plain=True), CONFIG, 0, dataset_json, device=torch.device("cpu"))

@@ -144,7 +144,8 @@ class MedFlowSegPredictor(nnUNetPredictor):
                 one = self._predict_one_model(data, with_disagreement, with_votes)
                 fold_logits = one.logits.to("cpu")
                 if i < len(self.fold_temperatures) and self.fold_temperatures[i] is not None:
-                    fold_logits = (fold_logits.float() / self.fold_temperatures[i]).to(fold_logits.dtype)
+                    # float32: nnU-Net's float16 logits divided and rounded back could tie and move the argmax
+                    fold_logits = fold_logits.float() / self.fold_temperatures[i]
                 logits = fold_logits if logits is None else logits + fold_logits
                 disagreement = one.disagreement
                 if with_votes:

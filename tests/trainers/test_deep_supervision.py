@@ -6,8 +6,6 @@ scale), small for speed. Batches come from the trainer's own nnU-Net dataloaders
 from __future__ import annotations
 
 import copy
-import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,14 +13,12 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from medflowseg_nn.cli import plan_and_preprocess
 from medflowseg_nn.config import FlowMatchingConfig
 from medflowseg_nn.model import build_vector_field
-from medflowseg_nn.synthetic import make_synthetic_dataset
 from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer
 from medflowseg_nn.trainers.variants import (MedFlowSegTrainer_deepSupervision,
                                               MedFlowSegTrainer_noDeepSupervision)
-from tests.conftest import set_nnunet_env
+from tests.conftest import plan_synthetic_dataset
 
 CONFIG = "3d_fullres"
 NUM_CLASSES = 3
@@ -30,14 +26,8 @@ NUM_CLASSES = 3
 
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
-    root = tmp_path_factory.mktemp("deep_supervision")
     with pytest.MonkeyPatch.context() as mp:
-        set_nnunet_env(root, mp)
-        raw = make_synthetic_dataset(root / "nnUNet_raw", 984, num_train=5, shape=(16, 20, 16))
-        assert plan_and_preprocess.main(["-d", "984", "-c", CONFIG, "-np", "1", "--no_verify"]) == 0
-        pre = root / "nnUNet_preprocessed" / raw.name
-        plans = json.loads((pre / "MedFlowSegPlans.json").read_text())
-        yield SimpleNamespace(plans=plans, dataset_json=json.loads((pre / "dataset.json").read_text()))
+        yield plan_synthetic_dataset(tmp_path_factory.mktemp("deep_supervision"), mp, 984)
 
 
 def four_stage_plans(planned) -> dict:

@@ -6,19 +6,16 @@ Each dataset is planned once; the trainer is initialised as nnU-Net does it and 
 from __future__ import annotations
 
 import copy
-import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from medflowseg_nn.cli import plan_and_preprocess
 from medflowseg_nn.errors import UserError
-from medflowseg_nn.synthetic import IGNORE_LABEL, make_synthetic_dataset
+from medflowseg_nn.synthetic import IGNORE_LABEL
 from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer
 from medflowseg_nn.trainers.variants import MedFlowSegTrainer_velocity
-from tests.conftest import set_nnunet_env
+from tests.conftest import plan_synthetic_dataset, tiny_network_plans
 
 CONFIG = "3d_fullres"
 KINDS = {"regions": dict(regions=True), "ignore": dict(ignore_fraction=0.7),
@@ -27,23 +24,15 @@ KINDS = {"regions": dict(regions=True), "ignore": dict(ignore_fraction=0.7),
 
 @pytest.fixture(scope="module", params=list(KINDS))
 def planned(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(request.param)
-    dataset_id = 970 + list(KINDS).index(request.param)
     with pytest.MonkeyPatch.context() as mp:
-        set_nnunet_env(root, mp)
-        raw = make_synthetic_dataset(root / "nnUNet_raw", dataset_id, num_train=5, shape=(16, 20, 16),
-                                     **KINDS[request.param])
-        assert plan_and_preprocess.main(["-d", str(dataset_id), "-c", CONFIG, "-np", "1", "--no_verify"]) == 0
-        pre = root / "nnUNet_preprocessed" / raw.name
-        yield SimpleNamespace(kind=request.param, plans=json.loads((pre / "MedFlowSegPlans.json").read_text()),
-                              dataset_json=json.loads((pre / "dataset.json").read_text()))
+        planned = plan_synthetic_dataset(tmp_path_factory.mktemp(request.param), mp,
+                                         970 + list(KINDS).index(request.param), **KINDS[request.param])
+        planned.kind = request.param
+        yield planned
 
 
 def make_trainer(planned, cls=MedFlowSegTrainer):
-    plans = copy.deepcopy(planned.plans)
-    plans["configurations"][CONFIG]["architecture"]["arch_kwargs"].update(
-        features_per_stage=[4, 8, 16], n_conv_per_stage=[1, 1, 1], n_conv_per_stage_decoder=[1, 1])
-    plans["continue_training"] = False
+    plans = tiny_network_plans(planned.plans)
     trainer = cls(plans, CONFIG, 0, planned.dataset_json, device=torch.device("cpu"))
     trainer.initialize()
     return trainer

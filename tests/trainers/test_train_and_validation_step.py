@@ -6,20 +6,15 @@ initialised as nnU-Net does it (``initialize()``: network, optimizer, loss); the
 """
 from __future__ import annotations
 
-import copy
-import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from medflowseg_nn.cli import plan_and_preprocess
 from medflowseg_nn.flow.path import LinearPath
-from medflowseg_nn.synthetic import make_synthetic_dataset
 from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer
 from medflowseg_nn.trainers.variants import MedFlowSegTrainer_noDeepSupervision, MedFlowSegTrainer_velocity
-from tests.conftest import set_nnunet_env
+from tests.conftest import plan_synthetic_dataset, tiny_network_plans
 
 CONFIG = "3d_fullres"
 
@@ -35,21 +30,12 @@ NUM_CLASSES = 3
 
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_step")
     with pytest.MonkeyPatch.context() as mp:
-        set_nnunet_env(root, mp)
-        raw = make_synthetic_dataset(root / "nnUNet_raw", 982, num_train=5, shape=(16, 20, 16))
-        assert plan_and_preprocess.main(["-d", "982", "-c", CONFIG, "-np", "1", "--no_verify"]) == 0
-        pre = root / "nnUNet_preprocessed" / raw.name
-        yield SimpleNamespace(plans=json.loads((pre / "MedFlowSegPlans.json").read_text()),
-                              dataset_json=json.loads((pre / "dataset.json").read_text()))
+        yield plan_synthetic_dataset(tmp_path_factory.mktemp("train_step"), mp, 982)
 
 
 def make_trainer(planned, cls=MedFlowSegTrainer):
-    plans = copy.deepcopy(planned.plans)
-    plans["configurations"][CONFIG]["architecture"]["arch_kwargs"].update(
-        features_per_stage=[4, 8, 16], n_conv_per_stage=[1, 1, 1], n_conv_per_stage_decoder=[1, 1])
-    plans["continue_training"] = False
+    plans = tiny_network_plans(planned.plans)
     trainer = cls(plans, CONFIG, 0, planned.dataset_json, device=torch.device("cpu"))
     trainer.initialize()
     return trainer

@@ -8,23 +8,20 @@ from __future__ import annotations
 
 import copy
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from medflowseg_nn.cli import plan_and_preprocess
 from medflowseg_nn.config import PLANS_KEY, FlowMatchingConfig
 from medflowseg_nn.flow.loss import FlowMatchingLoss
 from medflowseg_nn.flow.path import LinearPath
 from medflowseg_nn.model import build_vector_field
 from medflowseg_nn.networks.dual_branch_spatial_attention import DualBranchSpatialAttention
 from medflowseg_nn.networks.frequency_aware_attention import FrequencyAwareAttention
-from medflowseg_nn.synthetic import make_synthetic_dataset
 from medflowseg_nn.trainers import variants
 from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer
-from tests.conftest import set_nnunet_env
+from tests.conftest import plan_synthetic_dataset
 
 CONFIG = "3d_fullres"
 ALL_CLASSES = [MedFlowSegTrainer] + [getattr(variants, n) for n in sorted(vars(variants))
@@ -34,14 +31,8 @@ ALL_CLASSES = [MedFlowSegTrainer] + [getattr(variants, n) for n in sorted(vars(v
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
     """Plans (no preprocessing) of a tiny 3D synthetic dataset; env vars stay set for the module's tests."""
-    root = tmp_path_factory.mktemp("variants")
     with pytest.MonkeyPatch.context() as mp:
-        set_nnunet_env(root, mp)
-        raw = make_synthetic_dataset(root / "nnUNet_raw", 981, num_train=3, shape=(16, 20, 16))
-        assert plan_and_preprocess.main(["-d", "981", "-c", CONFIG, "-np", "1", "--no_pp", "--no_verify"]) == 0
-        pre = root / "nnUNet_preprocessed" / raw.name
-        yield SimpleNamespace(plans_file=pre / "MedFlowSegPlans.json",
-                              dataset_json=json.loads((pre / "dataset.json").read_text()))
+        yield plan_synthetic_dataset(tmp_path_factory.mktemp("variants"), mp, 981, num_train=3, preprocess=False)
 
 
 def fresh(planned) -> tuple[dict, PlansManager]:
