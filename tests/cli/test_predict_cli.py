@@ -162,7 +162,10 @@ def test_fold_temperature_softens_or_sharpens_probabilities_not_segmentations(tr
     scaled, plain = (np.load(tmp_path / d / f"{case}.npz")["probabilities"] for d in ("t", "off"))
     seg_t, seg_off = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / d / f"{case}.nii.gz")))
                       for d in ("t", "off"))
-    assert np.array_equal(seg_t, seg_off)
+    # the argmax is the same up to near-ties: nnU-Net resamples float16 logits, ours are float32 after the division
+    top2 = np.sort(plain, 0)[-2:]
+    differ = seg_t != seg_off
+    assert differ.mean() < 1e-3 and (top2[1][differ] - top2[0][differ] < 1e-2).all()
     # p_T = softmax(log p / T), up to nnU-Net's float16 logits
     expected = np.exp(np.log(np.clip(plain, 1e-12, None)) / temperature)
     expected /= expected.sum(0, keepdims=True)
