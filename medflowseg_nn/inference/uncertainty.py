@@ -52,9 +52,8 @@ def binary_entropy(probabilities: ArrayLike) -> np.ndarray:
     (0 … log 2; 0 log 0 = 0), computed in float64."""
     p = probabilities.detach().cpu().numpy() if isinstance(probabilities, Tensor) else np.asarray(probabilities)
     p = np.clip(p.astype(np.float64), 0, 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        h = -np.where(p > 0, p * np.log(p), 0) - np.where(p < 1, (1 - p) * np.log1p(-p), 0)
-    return np.maximum(h, 0).astype(np.float32)
+    # the two-class predictive entropy of (p, 1 - p): one implementation of -Σ p log p (calibration's)
+    return np.maximum(calibration.predictive_entropy(np.stack([p, 1 - p])), 0).astype(np.float32)
 
 
 def region_entropy(probabilities: ArrayLike) -> np.ndarray:
