@@ -75,3 +75,9 @@ class MedFlowSegTrainer_noDeepSupervision(MedFlowSegTrainer):
 class MedFlowSegTrainer_smokeNoMirroring(MedFlowSegTrainer_smoke, nnUNetTrainerNoMirroring):
     """The smoke budget without mirroring (nnU-Net's ``nnUNetTrainerNoMirroring``: no mirror augmentation and no
     8x test-time mirroring in the final validation), for smoke runs on large volumes such as BraTS."""
+
+
+class MedFlowSegTrainer_smokeOneEpoch(MedFlowSegTrainer_smokeNoMirroring):
+    """One epoch of the smoke budget, no mirroring: for the after-training workflow tests, which train two
+    configurations x two folds (on 2 cores each epoch end costs ~1 s of nnU-Net's progress plot and checkpoint)."""
+    trainer_overrides = {**MedFlowSegTrainer_smoke.trainer_overrides, "num_epochs": 1}

@@ -11,47 +11,18 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medflowseg_nn.cli import ensemble, plan_and_preprocess, postprocessing, predict, train
-from medflowseg_nn.synthetic import make_synthetic_dataset
+from medflowseg_nn.cli import ensemble, postprocessing
+from tests.cli.conftest import predict_into, train_smoke_folds
 from tests.conftest import set_nnunet_env
 
-TRAINER = "MedFlowSegTrainer_smoke"
-
-
-def train_smoke_folds(root, dataset_id: int, folds: tuple[int, ...], configurations: tuple[str, ...] = ("3d_fullres",),
-                      extra: tuple[str, ...] = ()):
-    """Synthetic dataset, plans with a shrunk network, ``MedFlowSegTrainer_smoke`` folds of each configuration
-    (``extra``: more ``mfs_train`` flags, e.g. ``--npz``) → (raw folder, model folder of the first configuration)."""
-    raw = make_synthetic_dataset(root / "nnUNet_raw", dataset_id, num_train=5, num_test=2, shape=(16, 20, 16))
-    assert plan_and_preprocess.main(["-d", str(dataset_id), "-c", *configurations, "-np", "1", "--no_verify"]) == 0
-    plans_file = root / "nnUNet_preprocessed" / raw.name / "MedFlowSegPlans.json"
-    plans = json.loads(plans_file.read_text())
-    for configuration in configurations:
-        arch = plans["configurations"][configuration]["architecture"]["arch_kwargs"]
-        n = arch["n_stages"]
-        arch.update(features_per_stage=[min(4 * 2 ** s, 16) for s in range(n)], n_conv_per_stage=[1] * n,
-                    n_conv_per_stage_decoder=[1] * (n - 1))
-    plans_file.write_text(json.dumps(plans))
-    for configuration in configurations:
-        for fold in folds:
-            assert train.main([str(dataset_id), configuration, str(fold), "-tr", TRAINER, "-device", "cpu",
-                               *extra]) == 0
-    return raw, root / "nnUNet_results" / raw.name / f"{TRAINER}__MedFlowSegPlans__{configurations[0]}"
-
-
-def predict_into(model, inputs, out, fold: str, *extra: str) -> int:
-    return predict.main(["-i", str(inputs), "-o", str(out), "-m", str(model), "-f", fold, "-device", "cpu",
-                         "--disable_tta", "-npp", "0", "-nps", "0", "--save_probabilities", *extra])
-
-
 @pytest.fixture(scope="module")
-def folds(tmp_path_factory):
+def folds(tmp_path_factory, planned_workflow_dataset):
     """One trained fold predicting 2 training images with (seed 0, 1 step) and (seed 10, 3 Euler steps), K = 2
     samples and uncertainty maps (a smoke model's one-step samples may not depend on the seed at all)."""
     root = tmp_path_factory.mktemp("ensemble_cli")
     with pytest.MonkeyPatch.context() as mp:
         set_nnunet_env(root, mp)
-        raw, model = train_smoke_folds(root, 983, (0,))
+        raw, model = train_smoke_folds(planned_workflow_dataset, root, (0,))
         inputs = root / "inputs"
         inputs.mkdir()
         for f in sorted((raw / "imagesTr").iterdir())[:2]:

@@ -14,20 +14,20 @@ import pytest
 import SimpleITK as sitk
 
 from medflowseg_nn.cli import ensemble, find_best_configuration, postprocessing, predict
-from tests.cli.test_ensemble_postprocessing_cli import TRAINER, train_smoke_folds
+from tests.cli.conftest import TRAINER, WORKFLOW_CONFIGURATIONS, WORKFLOW_DATASET, train_smoke_folds
 from tests.conftest import set_nnunet_env
 
-DATASET = 984
-CONFIGURATIONS = ("2d", "3d_fullres")
+DATASET = WORKFLOW_DATASET
+CONFIGURATIONS = WORKFLOW_CONFIGURATIONS
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, planned_workflow_dataset):
     """Smoke folds 0 and 1 of 2d and 3d_fullres with ``--npz``; 2 test images as inputs."""
     root = tmp_path_factory.mktemp("find_best")
     with pytest.MonkeyPatch.context() as mp:
         set_nnunet_env(root, mp)
-        raw, _ = train_smoke_folds(root, DATASET, (0, 1), CONFIGURATIONS, ("--npz",))
+        raw, _ = train_smoke_folds(planned_workflow_dataset, root, (0, 1), CONFIGURATIONS, ("--npz",))
         inputs = root / "inputs"
         inputs.mkdir()
         for f in sorted((raw / "imagesTs").iterdir())[:2]:

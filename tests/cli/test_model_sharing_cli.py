@@ -12,16 +12,16 @@ import SimpleITK as sitk
 
 from medflowseg_nn.cli import model_sharing
 from medflowseg_nn.config import FlowMatchingConfig
-from tests.cli.test_ensemble_postprocessing_cli import predict_into, train_smoke_folds
+from tests.cli.conftest import TRAINER, WORKFLOW_DATASET, predict_into, train_smoke_folds
 from tests.conftest import set_nnunet_env
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, planned_workflow_dataset):
     root = tmp_path_factory.mktemp("model_sharing")
     with pytest.MonkeyPatch.context() as mp:
         set_nnunet_env(root, mp)
-        raw, model = train_smoke_folds(root, 982, (0,))
+        raw, model = train_smoke_folds(planned_workflow_dataset, root, (0,))
         yield raw, model
 
 
@@ -39,7 +39,7 @@ def test_export_install_predict_is_bit_identical(trained, tmp_path, monkeypatch,
     shutil.copy(sorted((raw / "imagesTs").iterdir())[0], inputs)
     case = next(inputs.iterdir()).name[: -len("_0000.nii.gz")]
     zip_file = tmp_path / "model.zip"
-    assert model_sharing.main_export(["-d", "982", "-c", "3d_fullres", "-tr", "MedFlowSegTrainer_smoke", "-p",
+    assert model_sharing.main_export(["-d", str(WORKFLOW_DATASET), "-c", "3d_fullres", "-tr", TRAINER, "-p",
                                       "MedFlowSegPlans", "-f", "0", "-o", str(zip_file)]) == 0
     with zipfile.ZipFile(zip_file) as z:
         names = z.namelist()
@@ -66,7 +66,7 @@ def test_bad_input_exits_2(trained, tmp_path, monkeypatch, capsys):
     raw, model = trained
     monkeypatch.setenv("nnUNet_results", str(model.parents[1]))
     monkeypatch.setenv("nnUNet_raw", str(raw.parent))
-    assert model_sharing.main_export(["-d", "982", "-tr", "MedFlowSegTrainer_smoke", "-f", "3", "-o",
+    assert model_sharing.main_export(["-d", str(WORKFLOW_DATASET), "-tr", TRAINER, "-f", "3", "-o",
                                       str(tmp_path / "m.zip")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "fold_3" in err[0] and not (tmp_path / "m.zip").exists()
