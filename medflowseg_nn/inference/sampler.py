@@ -13,6 +13,10 @@ log-probabilities are those of the sample average ``log(mean_k p_k)``. :meth:`Fl
 per-sample log-probabilities ``[K, B, C, *S]`` as well, which the sliding window stitches into the
 sample-disagreement map (:mod:`medflowseg_nn.inference.sliding_window`).
 
+One Euler step from t = 0 sees only the seeded prior as x_t, so the first convolution's x_t part is computed once
+per patch shape and reused for every patch (:meth:`FlowSegmenter.prior_projection`; the field's split first
+convolution, same output up to float rounding).
+
 Regions (``multilabel=True``): the outputs are per-region sigmoid logits (log-odds) instead of log-probabilities,
 what nnU-Net's export expects for region models; the sample average is ``logit(mean_k sigmoid(l_k))`` per
 region (:func:`average_region_logits`).
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +86,7 @@ class FlowSegmenter(nn.Module):
         self.logit_scale = logit_scale
         self.multilabel = multilabel
         self._prior_cache: dict[tuple, Tensor] = {}
+        self._projection_cache: dict[tuple, Tensor] = {}
 
     def prior(self, batch: int, spatial: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
         """``[num_samples * batch, C, *S]`` seeded prior (sample-major: rows ``k*batch .. (k+1)*batch-1`` hold
@@ -92,6 +97,19 @@ class FlowSegmenter(nn.Module):
                      for k in range(self.num_samples)]
             self._prior_cache = {key: torch.cat([d.expand(batch, *d.shape[1:]) for d in draws], 0)}
         return self._prior_cache[key]
+
+    def prior_projection(self, x0: Tensor) -> Optional[Tensor]:
+        """The field's first-convolution x_t part of the cached prior ``x0`` (the same for every patch of a shape,
+        so one convolution per shape instead of one per patch), or None for a field without ``x_t_projection``.
+        Recomputed when the field's weights change (nnU-Net's predictor loads each fold into the same network);
+        not used while gradients are recorded (nothing cached may enter a backward graph)."""
+        if not hasattr(self.field, "x_t_projection") or torch.is_grad_enabled():
+            return None
+        key = (tuple(x0.shape), str(x0.device), x0.dtype, self.seed, self.num_samples,
+               torch.is_autocast_enabled(x0.device.type), self.field.x_t_projection_state())
+        if key not in self._projection_cache:
+            self._projection_cache = {key: self.field.x_t_projection(x0)}
+        return self._projection_cache[key]
 
     def velocity(self, image: Tensor, x: Tensor, t: Tensor) -> Tensor:
         raw = self.field(image, x, t)
@@ -119,8 +137,10 @@ class FlowSegmenter(nn.Module):
         image_k = image.repeat(self.num_samples, *([1] * (image.ndim - 1))) if self.num_samples > 1 else image
         if self.solver.steps == 1 and self.solver.method == "euler":
             t0 = torch.zeros(x0.shape[0], device=image.device, dtype=image.dtype)
-            out = interpret_output(self.field(image_k, x0, t0), x0, t0, self.parameterization, self.logit_scale,
-                                   multilabel=self.multilabel)
+            projection = self.prior_projection(x0)
+            raw = self.field(image_k, x0, t0) if projection is None else \
+                self.field(image_k, x0, t0, x_t_projection=projection)
+            out = interpret_output(raw, x0, t0, self.parameterization, self.logit_scale, multilabel=self.multilabel)
             if self.parameterization == "x1":
                 log_p = out.logits.float() if self.multilabel else torch.log_softmax(out.logits.float(), 1)
             else:

@@ -55,6 +55,11 @@ class ResidualEncoderVectorFieldUNet(VectorFieldUNet):
                          dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs, deep_supervision, **flow_kwargs)
         self.encoder.apply(init_last_bn_before_add_to_0)
 
+    def first_stage_parts(self) -> tuple[nn.Module, list[nn.Module]]:
+        """(the stem's first conv block, which sees ``image ⊕ x_t``; the rest of the stem, the residual blocks)."""
+        stage = self.encoder[0]
+        return stage.stem.convs[0], [stage.stem.convs[1:], stage.stage]
+
     @staticmethod
     def build_encoder_stage(stage: int, n_blocks: int, conv_op: Type[nn.Module], input_channels: int,
                             output_channels: int, kernel_size: IntOrSeq, stride: IntOrSeq, block: dict) -> nn.Module:

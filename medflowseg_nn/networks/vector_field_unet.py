@@ -18,6 +18,13 @@ encoder, as features injected into skip connections by Dual-Branch Spatial Atten
 deepest skip, any set of skips from the plans).
 Frequency-Aware Attention (FAA) refines the low-resolution encoder stages and the bottleneck. Every stage is
 modulated by the time embedding. ``dbsa_stages=[]`` / ``faa_stages=[]`` switch the modules off (ablation).
+
+Split first convolution: the first conv over ``image ⊕ x_t`` is linear in its input, so it equals
+``conv_image(image) + conv_x_t(x_t)``. :meth:`VectorFieldUNet.x_t_projection` computes the x_t part alone; a
+sampler whose x_t is the same seeded prior for every patch of a shape (one Euler step from t = 0) computes it
+once and passes it to ``forward``, which then convolves only the image channels (on CPU oneDNN a 1-channel 3D conv
+is ~5x cheaper than the 4-channel one of a 3-class model). Same result up to float rounding (two sums instead of
+one; ~1e-6 relative).
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ from typing import Optional, Sequence, Type, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.helper import get_matching_convtransp, maybe_convert_scalar_to_list
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
@@ -53,6 +61,12 @@ def default_dbsa_stages(n_stages: int) -> list[int]:
     stages in the plans' ``flow_matching.network.dbsa_stages`` to condition more skips (e.g. ``[1, 2]``).
     """
     return [n_stages - 2] if n_stages > 1 else []
+
+
+def conv_with(conv: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``conv``'s convolution (stride, padding, dilation, groups; zero padding) with another weight and bias."""
+    op = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.ndim]
+    return op(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def _as_list(v: IntOrSeq, n: int) -> list:
@@ -147,8 +161,37 @@ class VectorFieldUNet(nn.Module):
             raise ValueError("this VectorFieldUNet was built without deep supervision heads")
         self.deep_supervision = bool(enabled)
 
-    def forward(self, image: Tensor, x_t: Tensor, t: Tensor) -> Union[Tensor, list[Tensor]]:
+    def first_stage_parts(self) -> tuple[nn.Module, list[nn.Module]]:
+        """(the conv-norm-nonlin block that sees ``image ⊕ x_t``, the modules after it in encoder stage 0)."""
+        stage = self.encoder[0]
+        return stage.convs[0], [stage.convs[1:]]
+
+    def x_t_projection(self, x_t: Tensor) -> Tensor:
+        """The first convolution's x_t part, no bias: ``x_t [B, K, *S]`` -> ``[B, F_0, *S / stride_0]``."""
+        conv = self.first_stage_parts()[0].conv
+        return conv_with(conv, x_t, conv.weight[:, self.input_channels:], None)
+
+    def x_t_projection_state(self) -> tuple[int, int]:
+        """Identifies the weights :meth:`x_t_projection` uses (storage, in-place version): it changes when weights
+        are loaded or trained, so a cached projection can be checked against it."""
+        weight = self.first_stage_parts()[0].conv.weight
+        return weight.data_ptr(), weight._version
+
+    def first_stage(self, image: Tensor, x_t: Tensor, x_t_projection: Optional[Tensor]) -> Tensor:
+        """Encoder stage 0 on ``image ⊕ x_t``; with ``x_t_projection`` only the image channels are convolved."""
+        if x_t_projection is None:
+            return self.encoder[0](torch.cat([image, x_t.to(image.dtype)], 1))
+        block, rest = self.first_stage_parts()
+        conv = block.conv
+        x = conv_with(conv, image, conv.weight[:, :self.input_channels], conv.bias) + x_t_projection
+        for module in [block.all_modules[1:], *rest]:
+            x = module(x)
+        return x
+
+    def forward(self, image: Tensor, x_t: Tensor, t: Tensor,
+                x_t_projection: Optional[Tensor] = None) -> Union[Tensor, list[Tensor]]:
         """``image`` ``[B, C_img, *S]``, ``x_t`` ``[B, K, *S]``, ``t`` ``[B]`` -> raw output ``[B, K, *S]``.
+        ``x_t_projection``: :meth:`x_t_projection` of this ``x_t`` (then the first conv sees only the image).
 
         With deep supervision on and in training mode: a list of ``n_stages - 1`` tensors, highest resolution
         first, ``[B, K, *S]``, ``[B, K, *S / s_1]``, ``[B, K, *S / (s_1 s_2)]``, ... (``s_i``: stage i's stride),
@@ -157,11 +200,12 @@ class VectorFieldUNet(nn.Module):
             raise ValueError(f"expected {self.input_channels} image and {self.num_classes} x_t channels, got "
                              f"{image.shape[1]} and {x_t.shape[1]}")
         temb = self.time_embed(t)
-        x = torch.cat([image, x_t.to(image.dtype)], 1)
+        x = image
         cond = image
         skips = []
         for s in range(self.n_stages):
-            x = self.encoder_time[s](self.encoder[s](x), temb)
+            x = self.first_stage(image, x_t, x_t_projection) if s == 0 else self.encoder[s](x)
+            x = self.encoder_time[s](x, temb)
             if str(s) in self.faa:
                 x = self.faa[str(s)](x, temb)
             if s < len(self.cond_encoder):

@@ -123,3 +123,44 @@ def test_disagreement_and_entropy_formulas():
     probs = torch.tensor([[1.0, 0.5, 1 / 3], [0.0, 0.5, 1 / 3], [0.0, 0.0, 1 / 3]])
     assert torch.allclose(torch.from_numpy(predictive_entropy(probs)),
                           torch.tensor([0.0, 0.693147, 1.098612]), atol=1e-5)
+
+
+class ProjectionCounter(nn.Module):
+    """A field exposing the split first convolution that counts how often the x_t projection is computed."""
+
+    def __init__(self, field: VectorFieldUNet):
+        super().__init__()
+        self.field, self.projections, self.given = field, 0, []
+
+    def x_t_projection(self, x_t):
+        self.projections += 1
+        return self.field.x_t_projection(x_t)
+
+    def x_t_projection_state(self):
+        return self.field.x_t_projection_state()
+
+    def forward(self, image, x_t, t, x_t_projection=None):
+        self.given.append(x_t_projection is not None)
+        return self.field(image, x_t, t, x_t_projection=x_t_projection)
+
+
+def test_one_step_reuses_the_prior_projection_until_the_weights_change(image):
+    counter = ProjectionCounter(tiny_field(seed=5))
+    seg = FlowSegmenter(counter, 3, "x1", seed=0, num_samples=2)
+    with torch.no_grad():
+        first = seg(image)
+        assert torch.equal(seg(image), first)
+        assert counter.projections == 1 and counter.given == [True, True]  # one conv for two patches
+        # same output as the concatenated-input network, up to float rounding
+        reference = FlowSegmenter(CountingField(counter.field), 3, "x1", seed=0, num_samples=2)(image)
+        assert torch.allclose(first, reference, atol=1e-5)
+        counter.field.load_state_dict(tiny_field(seed=6).state_dict())  # as nnU-Net's predictor does per fold
+        after = seg(image)
+        assert counter.projections == 2
+        assert torch.allclose(after, FlowSegmenter(CountingField(counter.field), 3, "x1", num_samples=2)(image),
+                              atol=1e-5)
+        seg.seed = 4  # another prior: another projection
+        seg(image)
+        assert counter.projections == 3
+    seg(image)  # with gradients recorded nothing cached is used
+    assert counter.projections == 3 and counter.given[-1] is False

@@ -15,21 +15,11 @@ import pytest
 import SimpleITK as sitk
 
 from medflowseg_nn.cli import plan_and_preprocess, predict, train
-from tests.conftest import shared_dataset
+from tests.conftest import shared_dataset, shrink_network
 from tests.integration.test_real_data import link_subset
 
 TRAINER = "MedFlowSegTrainer_smokeNoMirroring"
 REGIONS = {"background": 0, "whole_tumour": [1, 2, 3, 4], "tumour_core": [1, 3, 4], "enhancing_tumour": 4}
-
-
-def shrink_network(plans_path) -> None:
-    """Few features and one conv per stage in the 3d_fullres plans: a smoke run, not a model."""
-    plans = json.loads(plans_path.read_text())
-    arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
-    n = arch["n_stages"]
-    arch.update(features_per_stage=[min(8 * 2 ** i, 64) for i in range(n)], n_conv_per_stage=[1] * n,
-                n_conv_per_stage_decoder=[1] * (n - 1))
-    plans_path.write_text(json.dumps(plans, indent=2))
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from medflowseg_nn import plugins
 from medflowseg_nn.cli import plan_and_preprocess, predict, train
 from medflowseg_nn.synthetic import make_synthetic_dataset
 from medflowseg_nn.trainers.variants import MedFlowSegTrainer_smoke
-from tests.conftest import set_nnunet_env, shared_dataset
+from tests.conftest import set_nnunet_env, shared_dataset, shrink_network
 from tests.integration.test_real_data import link_subset
 
 DATASET = 975
@@ -196,7 +196,8 @@ def test_cascade_prediction_errors(planned, trained, tmp_path, capsys):
 def test_left_atrium_lowres_then_cascade(tmp_path, monkeypatch):
     """The chain on 4 real LeftAtrium cases: 2 train = validate (custom split), 2 predicted. nnU-Net's plans keep
     no 3d_lowres for these volumes (the 3d_fullres patch covers > 25 % of the median case; with 2 GB the lowres
-    shape is still within 2x of the fullres one and nnU-Net drops it), so the planner gets a 1 GB target."""
+    shape is still within 2x of the fullres one and nnU-Net drops it), so the planner gets a 1 GB target; the
+    networks are shrunk (8-64 features, one conv per stage) and the planner's patch sizes kept."""
     source = shared_dataset("Dataset140_LeftAtrium")
     paths = set_nnunet_env(tmp_path, monkeypatch)
     use_test_trainer(monkeypatch)
@@ -207,6 +208,7 @@ def test_left_atrium_lowres_then_cascade(tmp_path, monkeypatch):
     pre = paths["nnUNet_preprocessed"] / raw.name
     plans = json.loads((pre / "MedFlowSegPlans.json").read_text())
     assert "3d_cascade_fullres" in plans["configurations"]
+    shrink_network(pre / "MedFlowSegPlans.json", ("3d_fullres", "3d_lowres"))  # the cascade inherits 3d_fullres
     (pre / "splits_final.json").write_text(json.dumps([{"train": cases[:2], "val": cases[:2]}]))
     train_chain(dataset_id, "0")
     results = paths["nnUNet_results"] / raw.name
