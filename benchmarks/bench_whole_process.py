@@ -47,6 +47,7 @@ def make_model_folder(method: str, name: str, folder: Path) -> Path:
     plans, dataset_json = C.load_plans(name)
     trainer = C.trainer_for(method, plans, dataset_json, "3d_fullres", 0, torch.device("cpu"))
     trainer.initialize()
+    trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # sets the TTA mirror axes it saves
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     trainer.save_checkpoint(str(checkpoint))
     (folder / "plans.json").write_text(json.dumps(trainer.plans_manager.plans, indent=2))
@@ -68,13 +69,16 @@ def link_inputs(name: str, num_cases: int, folder: Path) -> Path:
     return folder
 
 
-def command(tool: str, inputs: Path, out: Path, model: Path, tta: bool) -> list[str]:
+def command(tool: str, inputs: Path, out: Path, model: Path, tta: bool, nnunet_workers: Optional[int] = None
+            ) -> list[str]:
     if tool == "ours":
         cmd = [str(BIN / "mfs_predict"), "-i", str(inputs), "-o", str(out), "-m", str(model), "-f", "0",
                "-device", "cpu"]
     else:
         cmd = [str(BIN / "nnUNetv2_predict_from_modelfolder"), "-i", str(inputs), "-o", str(out), "-m", str(model),
                "-f", "0", "-device", "cpu"]
+        if nnunet_workers is not None:
+            cmd += ["-npp", str(nnunet_workers), "-nps", str(nnunet_workers)]
     return cmd + ([] if tta else ["--disable_tta"])
 
 
@@ -108,7 +112,7 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 
 def bench_whole_process(datasets: Sequence[str], num_cases: int, repeats: int, tta: Sequence[str], work: Path,
-                        out: Path) -> list[dict]:
+                        out: Path, nnunet_workers: Optional[int] = None) -> list[dict]:
     C.setup_env(work)
     runs: list[dict] = []
     for dataset in datasets:
@@ -120,12 +124,13 @@ def bench_whole_process(datasets: Sequence[str], num_cases: int, repeats: int, t
         for setting in tta:
             # one warm-up run each (page cache, compiled kernels on disk), not counted
             for tool in TOOLS:
-                timed_run(command(tool, inputs, work / "whole_process_out" / tool, models[tool], setting == "on"))
+                timed_run(command(tool, inputs, work / "whole_process_out" / tool, models[tool], setting == "on",
+                                  nnunet_workers))
             for r in range(repeats):
                 for tool in (TOOLS if r % 2 == 0 else TOOLS[::-1]):
                     target = work / "whole_process_out" / tool
                     shutil.rmtree(target, ignore_errors=True)
-                    wall, rss = timed_run(command(tool, inputs, target, models[tool], setting == "on"))
+                    wall, rss = timed_run(command(tool, inputs, target, models[tool], setting == "on", nnunet_workers))
                     runs.append({"dataset": name, "tta": setting, "tool": tool, "repeat": r, "wall_s": wall,
                                  "rss_mb": rss, "cases": num_cases})
                     logger.info("%s tta %s %s repeat %d: %.1f s, %.0f MiB", name, setting, tool, r, wall, rss)
@@ -140,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_cases", type=int, default=10)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tta", nargs="+", choices=("on", "off"), default=["off", "on"])
+    p.add_argument("--nnunet_workers", type=int, default=None,
+                   help="-npp / -nps for nnU-Net's command (default: its own defaults, 3 / 3)")
     p.add_argument("--work", type=Path, default=C.DEFAULT_WORK, help="nnU-Net folders (default benchmarks/out/work)")
     p.add_argument("--out", type=Path, default=C.REPO_ROOT / "benchmarks" / "out" / "bench_whole_process.json")
     p.add_argument("--verbose", action="store_true")
@@ -150,7 +157,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     C.setup_logging(args.verbose)
     rows = bench_whole_process(datasets=args.datasets, num_cases=args.num_cases, repeats=args.repeats,
-                               tta=args.tta, work=args.work, out=args.out)
+                               tta=args.tta, work=args.work, out=args.out,
+                               nnunet_workers=args.nnunet_workers)
     print(C.markdown_table(rows, ["dataset", "tta", "repeats", "nnunet_wall_s", "ours_wall_s", "wall_ratio",
                                   "pair_ratios", "nnunet_rss_mb", "ours_rss_mb", "rss_ratio"]))
     return 0

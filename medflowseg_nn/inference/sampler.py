@@ -8,10 +8,12 @@ so checkpoints of the field load into it directly (nnU-Net's predictor reloads w
 
 K samples (``num_samples``): sample ``k`` starts from the seeded prior ``x0_k = N(0, I)`` drawn with seed
 ``seed + k``. All K flows of a patch go through the network as **one batch** of ``K · B`` patches, so K samples
-cost one (K times larger) network evaluation per solver step, not K separate calls. The returned
-log-probabilities are those of the sample average ``log(mean_k p_k)``. :meth:`FlowSegmenter.sample` returns the
-per-sample log-probabilities ``[K, B, C, *S]`` as well, which the sliding window stitches into the
-sample-disagreement map (:mod:`medflowseg_nn.inference.sliding_window`).
+cost one (K times larger) network evaluation per solver step, not K separate calls; a field that
+``shares_image_across_samples`` gets the image once and runs its image-only parts (conditioning encoder, image
+part of the first conv) once for all K. The returned log-probabilities are those of the sample average
+``log(mean_k p_k)``. :meth:`FlowSegmenter.sample` returns the per-sample log-probabilities ``[K, B, C, *S]`` as
+well, which the sliding window stitches into the sample-disagreement map
+(:mod:`medflowseg_nn.inference.sliding_window`).
 
 One Euler step from t = 0 sees only the seeded prior as x_t, so the first convolution's x_t part is computed once
 per patch shape and reused for every patch (:meth:`FlowSegmenter.prior_projection`; the field's split first
@@ -134,7 +136,9 @@ class FlowSegmenter(nn.Module):
         """
         batch, spatial = image.shape[0], tuple(image.shape[2:])
         x0 = self.prior(batch, spatial, image.device, image.dtype)
-        image_k = image.repeat(self.num_samples, *([1] * (image.ndim - 1))) if self.num_samples > 1 else image
+        shared = getattr(self.field, "shares_image_across_samples", False)
+        image_k = image.repeat(self.num_samples, *([1] * (image.ndim - 1))) if self.num_samples > 1 and not shared \
+            else image
         if self.solver.steps == 1 and self.solver.method == "euler":
             t0 = torch.zeros(x0.shape[0], device=image.device, dtype=image.dtype)
             projection = self.prior_projection(x0)

@@ -63,6 +63,11 @@ def default_dbsa_stages(n_stages: int) -> list[int]:
     return [n_stages - 2] if n_stages > 1 else []
 
 
+def repeat_batch(x: Tensor, times: int) -> Tensor:
+    """``[B, ...]`` -> ``[times·B, ...]``, the batch repeated sample-major (``x`` itself for ``times == 1``)."""
+    return x if times == 1 else x.repeat(times, *([1] * (x.ndim - 1)))
+
+
 def conv_with(conv: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``conv``'s convolution (stride, padding, dilation, groups; zero padding) with another weight and bias."""
     op = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.ndim]
@@ -74,6 +79,9 @@ def _as_list(v: IntOrSeq, n: int) -> list:
 
 
 class VectorFieldUNet(nn.Module):
+    #: ``forward`` accepts one image batch for N samples' x_t (see there): samplers need not repeat the image
+    shares_image_across_samples = True
+
     def __init__(self, input_channels: int, num_classes: int, n_stages: int, features_per_stage: IntOrSeq,
                  conv_op: Type[nn.Module], kernel_sizes: Sequence, strides: Sequence, n_conv_per_stage: IntOrSeq,
                  n_conv_per_stage_decoder: IntOrSeq, conv_bias: bool = False,
@@ -178,12 +186,15 @@ class VectorFieldUNet(nn.Module):
         return weight.data_ptr(), weight._version
 
     def first_stage(self, image: Tensor, x_t: Tensor, x_t_projection: Optional[Tensor]) -> Tensor:
-        """Encoder stage 0 on ``image ⊕ x_t``; with ``x_t_projection`` only the image channels are convolved."""
+        """Encoder stage 0 on ``image ⊕ x_t`` (``image`` repeated to x_t's batch); with ``x_t_projection`` only the
+        image channels are convolved, once per image."""
+        reps = x_t.shape[0] // image.shape[0]
         if x_t_projection is None:
-            return self.encoder[0](torch.cat([image, x_t.to(image.dtype)], 1))
+            return self.encoder[0](torch.cat([repeat_batch(image, reps), x_t.to(image.dtype)], 1))
         block, rest = self.first_stage_parts()
         conv = block.conv
-        x = conv_with(conv, image, conv.weight[:, :self.input_channels], conv.bias) + x_t_projection
+        x = repeat_batch(conv_with(conv, image, conv.weight[:, :self.input_channels], conv.bias), reps) + \
+            x_t_projection
         for module in [block.all_modules[1:], *rest]:
             x = module(x)
         return x
@@ -193,12 +204,20 @@ class VectorFieldUNet(nn.Module):
         """``image`` ``[B, C_img, *S]``, ``x_t`` ``[B, K, *S]``, ``t`` ``[B]`` -> raw output ``[B, K, *S]``.
         ``x_t_projection``: :meth:`x_t_projection` of this ``x_t`` (then the first conv sees only the image).
 
+        N samples of the same images: ``image`` ``[B, C_img, *S]`` with ``x_t`` ``[N·B, K, *S]`` and ``t`` ``[N·B]``
+        (sample-major, rows ``n·B … (n+1)·B − 1`` are sample n) is the forward of the image repeated N times, but
+        the image-only work (conditioning encoder, the image part of the first conv) runs once per image
+        (:attr:`shares_image_across_samples`).
+
         With deep supervision on and in training mode: a list of ``n_stages - 1`` tensors, highest resolution
         first, ``[B, K, *S]``, ``[B, K, *S / s_1]``, ``[B, K, *S / (s_1 s_2)]``, ... (``s_i``: stage i's stride),
         the first being the output above; the others are raw logits of the auxiliary heads."""
         if image.shape[1] != self.input_channels or x_t.shape[1] != self.num_classes:
             raise ValueError(f"expected {self.input_channels} image and {self.num_classes} x_t channels, got "
                              f"{image.shape[1]} and {x_t.shape[1]}")
+        if x_t.shape[0] % image.shape[0]:
+            raise ValueError(f"x_t batch {x_t.shape[0]} is not a multiple of the image batch {image.shape[0]}")
+        reps = x_t.shape[0] // image.shape[0]
         temb = self.time_embed(t)
         x = image
         cond = image
@@ -211,7 +230,7 @@ class VectorFieldUNet(nn.Module):
             if s < len(self.cond_encoder):
                 cond = self.cond_encoder[s](cond)
             if s < self.n_stages - 1:
-                skips.append(self.dbsa[str(s)](x, cond, temb) if str(s) in self.dbsa else x)
+                skips.append(self.dbsa[str(s)](x, repeat_batch(cond, reps), temb) if str(s) in self.dbsa else x)
         with_aux = self.deep_supervision and self.training and self.has_deep_supervision_heads
         aux = []
         for i in range(self.n_stages - 1):

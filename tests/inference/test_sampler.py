@@ -164,3 +164,17 @@ def test_one_step_reuses_the_prior_projection_until_the_weights_change(image):
         assert counter.projections == 3
     seg(image)  # with gradients recorded nothing cached is used
     assert counter.projections == 3 and counter.given[-1] is False
+
+
+@pytest.mark.parametrize("solver", [SolverConfig(), SolverConfig(2, "heun")], ids=["1step", "heun2"])
+def test_a_sharing_field_gets_each_image_once_for_k_samples(image, solver):
+    field = tiny_field(seed=7)
+    assert field.shares_image_across_samples
+    batches = []
+    field.register_forward_pre_hook(lambda module, args: batches.append((args[0].shape[0], args[1].shape[0])))
+    with torch.no_grad():
+        shared = FlowSegmenter(field, 3, "x1", solver=solver, seed=0, num_samples=4).sample(image)
+        repeated = FlowSegmenter(CountingField(field), 3, "x1", solver=solver, seed=0, num_samples=4).sample(image)
+    first_calls = batches[: len(batches) // 2]
+    assert first_calls and all(b == (2, 8) for b in first_calls)  # 2 images, 4 x 2 x_t
+    assert torch.allclose(shared.sample_log_probabilities, repeated.sample_log_probabilities, atol=1e-5)

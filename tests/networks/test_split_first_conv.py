@@ -1,5 +1,6 @@
 """The split first convolution: ``forward(image, x_t, t, x_t_projection=x_t_projection(x_t))`` is the plain forward
-up to float rounding, for the plain and the residual-encoder field, 2D and 3D (first stage of 1 or 2 blocks)."""
+up to float rounding, for the plain and the residual-encoder field, 2D and 3D (first stage of 1 or 2 blocks); one
+image batch for N samples' x_t is the forward of the image repeated N times."""
 from __future__ import annotations
 
 import pytest
@@ -56,3 +57,21 @@ def test_projection_state_changes_when_weights_are_loaded():
             p.add_(0.01)
     net.load_state_dict(other.state_dict())
     assert net.x_t_projection_state() != before
+
+
+@pytest.mark.parametrize("kind", ["plain", "residual"])
+@pytest.mark.parametrize("dim", [2, 3])
+def test_one_image_batch_for_n_samples_is_the_repeated_image(dim, kind):
+    net = build(kind, dim, 2)
+    spatial = (16, 20) if dim == 2 else (8, 12, 8)
+    gen = torch.Generator().manual_seed(2)
+    image, x_t = torch.randn(2, 2, *spatial, generator=gen), torch.randn(6, 3, *spatial, generator=gen)
+    t = torch.rand(6, generator=gen)
+    repeated = image.repeat(3, *([1] * (dim + 1)))  # sample-major: rows n*2 .. n*2+1 are sample n
+    with torch.no_grad():
+        reference = net(repeated, x_t, t)
+        assert torch.allclose(net(image, x_t, t), reference, rtol=1e-4, atol=1e-5)
+        split = net(image, x_t, t, x_t_projection=net.x_t_projection(x_t))
+        assert torch.allclose(split, reference, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="not a multiple of the image batch"):
+        net(image, x_t[:5], t[:5])
