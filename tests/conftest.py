@@ -68,14 +68,15 @@ def tiny_network_plans(plans: dict, configuration: str = "3d_fullres") -> dict:
     return plans
 
 
-def shrink_network(plans_path: Path, configurations: tuple[str, ...] = ("3d_fullres",)) -> None:
-    """Few features (8 doubling to 64) and one conv per stage for each configuration's planned network, in place
-    (the stage count and patch size stay the planner's): a smoke run on real data, not a model."""
+def shrink_network(plans_path: Path, configurations: tuple[str, ...] = ("3d_fullres",), first: int = 8,
+                   cap: int = 64) -> None:
+    """Few features (``first`` doubling up to ``cap``) and one conv per stage for each configuration's planned
+    network, in place (the stage count and patch size stay the planner's): a smoke run, not a model."""
     plans = json.loads(plans_path.read_text())
     for configuration in configurations:
         arch = plans["configurations"][configuration]["architecture"]["arch_kwargs"]
         n = arch["n_stages"]
-        arch.update(features_per_stage=[min(8 * 2 ** i, 64) for i in range(n)], n_conv_per_stage=[1] * n,
+        arch.update(features_per_stage=[min(first * 2 ** i, cap) for i in range(n)], n_conv_per_stage=[1] * n,
                     n_conv_per_stage_decoder=[1] * (n - 1))
     plans_path.write_text(json.dumps(plans, indent=2))
 

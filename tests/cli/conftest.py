@@ -4,7 +4,6 @@ into its own nnU-Net folders and trains there. Planning costs ~20 s on 2 cores (
 10^7 foreground samples and every step spawns a worker pool), so it is paid once, not once per module."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 
 from medflowseg_nn.cli import plan_and_preprocess, predict, train
 from medflowseg_nn.synthetic import make_synthetic_dataset
-from tests.conftest import set_nnunet_env
+from tests.conftest import set_nnunet_env, shrink_network
 
 TRAINER = "MedFlowSegTrainer_smokeOneEpoch"
 WORKFLOW_DATASET = 984
@@ -30,14 +29,8 @@ def planned_workflow_dataset(tmp_path_factory) -> Path:
                                      shape=(16, 20, 16))
         assert plan_and_preprocess.main(["-d", str(WORKFLOW_DATASET), "-c", *WORKFLOW_CONFIGURATIONS, "-np", "1",
                                          "--no_verify"]) == 0
-    plans_file = root / "nnUNet_preprocessed" / raw.name / "MedFlowSegPlans.json"
-    plans = json.loads(plans_file.read_text())
-    for configuration in WORKFLOW_CONFIGURATIONS:
-        arch = plans["configurations"][configuration]["architecture"]["arch_kwargs"]
-        n = arch["n_stages"]
-        arch.update(features_per_stage=[min(4 * 2 ** s, 16) for s in range(n)], n_conv_per_stage=[1] * n,
-                    n_conv_per_stage_decoder=[1] * (n - 1))
-    plans_file.write_text(json.dumps(plans))
+    shrink_network(root / "nnUNet_preprocessed" / raw.name / "MedFlowSegPlans.json", WORKFLOW_CONFIGURATIONS,
+                   first=4, cap=16)
     return root
 
 
