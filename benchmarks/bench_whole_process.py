@@ -95,18 +95,15 @@ def timed_run(cmd: list[str]) -> tuple[float, float]:
 def summarise(runs: list[dict]) -> list[dict]:
     rows = []
     for key in sorted({(r["dataset"], r["tta"]) for r in runs}):
-        row: dict = {"dataset": key[0], "tta": key[1]}
-        for tool in TOOLS:
-            mine = [r for r in runs if (r["dataset"], r["tta"], r["tool"]) == (*key, tool)]
+        by_tool = {tool: [r for r in runs if (r["dataset"], r["tta"], r["tool"]) == (*key, tool)] for tool in TOOLS}
+        row: dict = {"dataset": key[0], "tta": key[1], "repeats": len(by_tool["ours"])}
+        for tool, mine in by_tool.items():
             row[f"{tool}_wall_s"] = statistics.median(r["wall_s"] for r in mine)
             row[f"{tool}_rss_mb"] = statistics.median(r["rss_mb"] for r in mine)
-            row["repeats"] = len(mine)
         row["wall_ratio"] = row["ours_wall_s"] / row["nnunet_wall_s"]
         row["rss_ratio"] = row["ours_rss_mb"] / row["nnunet_rss_mb"]
-        pairs = [o["wall_s"] / n["wall_s"] for o, n in zip(
-            [r for r in runs if (r["dataset"], r["tta"], r["tool"]) == (*key, "ours")],
-            [r for r in runs if (r["dataset"], r["tta"], r["tool"]) == (*key, "nnunet")])]
-        row["pair_ratios"] = " ".join(f"{p:.2f}" for p in pairs)
+        row["pair_ratios"] = " ".join(f"{o['wall_s'] / n['wall_s']:.2f}"
+                                      for o, n in zip(by_tool["ours"], by_tool["nnunet"]))
         rows.append(row)
     return rows
 

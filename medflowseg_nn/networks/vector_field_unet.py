@@ -219,11 +219,12 @@ class VectorFieldUNet(nn.Module):
             raise ValueError(f"x_t batch {x_t.shape[0]} is not a multiple of the image batch {image.shape[0]}")
         reps = x_t.shape[0] // image.shape[0]
         temb = self.time_embed(t)
-        x = image
+        x = self.first_stage(image, x_t, x_t_projection)
         cond = image
         skips = []
         for s in range(self.n_stages):
-            x = self.first_stage(image, x_t, x_t_projection) if s == 0 else self.encoder[s](x)
+            if s > 0:
+                x = self.encoder[s](x)
             x = self.encoder_time[s](x, temb)
             if str(s) in self.faa:
                 x = self.faa[str(s)](x, temb)
