@@ -62,6 +62,49 @@ def timed_step(trainer, batch, device_type: str) -> tuple[float, float, float]:
     return time.perf_counter() - w0, time.process_time() - c0, float(out["loss"])
 
 
+def phase_times(trainer, batches: list, steps: int, device_type: str) -> dict:
+    """Where one ``train_step`` goes: medians over ``steps`` steps of the network forward, the loss modules'
+    forward (``trainer.loss``, and ours' ``aux_seg_loss``), the optimiser step, and the rest of the step
+    (backward, gradient clipping, target encoding, x_t; by difference), from forward hooks and a wrapped
+    ``optimizer.step``; plus torch.profiler's operators by self CPU time over the same steps."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    spans: dict[str, list[float]] = {"forward": [], "loss": [], "optimizer": []}
+    starts: dict[str, float] = {}
+
+    def hooks(module, phase: str) -> list:
+        pre = module.register_forward_pre_hook(lambda *_: starts.__setitem__(phase, time.perf_counter()))
+        post = module.register_forward_hook(lambda *_: spans[phase].append(time.perf_counter() - starts[phase]))
+        return [pre, post]
+
+    handles = hooks(trainer.network, "forward") + [h for name in ("loss", "aux_seg_loss")
+                                                   if isinstance(getattr(trainer, name, None), torch.nn.Module)
+                                                   for h in hooks(getattr(trainer, name), "loss")]
+    step = trainer.optimizer.step
+
+    def timed_optimizer_step(*a, **k):
+        t0 = time.perf_counter()
+        out = step(*a, **k)
+        spans["optimizer"].append(time.perf_counter() - t0)
+        return out
+
+    trainer.optimizer.step = timed_optimizer_step
+    walls = []
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(steps):
+            walls.append(timed_step(trainer, batches[i % len(batches)], device_type)[0])
+    trainer.optimizer.step = step
+    for h in handles:
+        h.remove()
+    per_step = {"step": walls, "forward": spans["forward"], "optimizer": spans["optimizer"],
+                # loss modules can run more than once per step (ours: flow loss and deep-supervision loss)
+                "loss": [sum(spans["loss"][i::steps]) for i in range(steps)] if spans["loss"] else [0.0] * steps}
+    res = {f"{k}_s": statistics.median(v) for k, v in per_step.items()}
+    res["rest_s"] = res["step_s"] - res["forward_s"] - res["loss_s"] - res["optimizer_s"]
+    res["operators"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    return res
+
+
 def finish(trainer) -> None:
     for dl in (trainer.dataloader_train, trainer.dataloader_val):
         if hasattr(dl, "_finish"):
@@ -91,6 +134,8 @@ def worker_time(args: argparse.Namespace) -> dict:
                 res[m]["iter_s"].append(wall)
                 res[m]["iter_cpu_s"].append(cpu)
     for m in METHODS:
+        if args.profile > 0:
+            res[m]["phases"] = phase_times(*trainers[m], args.profile, args.device)
         finish(trainers[m][0])
     return res
 
@@ -118,7 +163,7 @@ def run_subprocess(kind: str, configuration: str, method: Optional[str], args: a
         out = Path(f.name)
     cmd = [sys.executable, os.path.abspath(__file__), "--_worker", kind, "-c", configuration, "-d", args.d,
            "--warmup", str(args.warmup), "--iters", str(args.iters), "--batches", str(args.batches),
-           "--mem_steps", str(args.mem_steps), "-device", args.device, "--work", str(args.work),
+           "--mem_steps", str(args.mem_steps), "--profile", str(args.profile), "-device", args.device, "--work", str(args.work),
            "--threads", str(args.threads),
            "--n_proc_da", args.n_proc_da, "--_result", str(out)] + (["--method", method] if method else [])
     logger.info("running %s", " ".join(cmd))
@@ -158,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5, help="timed iterations per worker (median reported)")
     p.add_argument("--batches", type=int, default=2, help="distinct batches drawn before timing, cycled")
+    p.add_argument("--profile", type=int, default=0, help="after timing, profile this many more steps per trainer "
+                   "(forward / loss / optimiser / rest, and torch.profiler's top operators)")
     p.add_argument("--mem_steps", type=int, default=2, help="steps of each memory worker (0 = skip memory)")
     p.add_argument("-device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0 = all cores); 1 makes "
@@ -207,6 +254,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.device == "cuda" and args.mem_steps > 0:
         cols += ["ours_max_cuda_mb", "nnunet_max_cuda_mb"]
     table = C.markdown_table(rows, cols)
+    if args.profile > 0:
+        phases = [{"configuration": cfg, "trainer": m, **{k: round(v, 3) for k, v in
+                                                          runs_all[cfg]["timing"][m]["phases"].items()
+                                                          if k.endswith("_s")}}
+                  for cfg in args.configurations for m in METHODS]
+        table += "\n\nPhases of train_step (median s over the profiled steps)\n" + C.markdown_table(
+            phases, ["configuration", "trainer", "step_s", "forward_s", "loss_s", "optimizer_s", "rest_s"])
+        for cfg in args.configurations:
+            for m in METHODS:
+                logger.info("%s %s operators by self CPU time:\n%s", cfg, m,
+                            runs_all[cfg]["timing"][m]["phases"]["operators"])
     threads = args.threads or os.cpu_count()
     print(f"\n{name}, {args.device}, {threads} torch thread(s), median of {args.iters} timed iterations after "
           f"{args.warmup} warm-up (ABBA-interleaved in one process); memory: separate process per trainer, "

@@ -38,15 +38,23 @@ BIN = Path(sys.executable).parent
 
 def make_model_folder(method: str, name: str, folder: Path) -> Path:
     """A model folder (plans.json, dataset.json, dataset_fingerprint.json, fold_0/checkpoint_final.pth) holding a
-    freshly initialised network of ``method`` on the dataset's plans; reused when it exists."""
+    freshly initialised network of ``method`` on the dataset's plans; reused when it exists.
+
+    The dataset need not be preprocessed: ``trainer.initialize()`` only looks into the preprocessed folder to pick
+    nnU-Net's dataset class (for training, which never happens here), so that lookup is stubbed."""
+    from unittest import mock
+
     import torch
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
     checkpoint = folder / "fold_0" / "checkpoint_final.pth"
     if checkpoint.is_file():
         return folder
     torch.manual_seed(0)
     plans, dataset_json = C.load_plans(name)
     trainer = C.trainer_for(method, plans, dataset_json, "3d_fullres", 0, torch.device("cpu"))
-    trainer.initialize()
+    with mock.patch("nnunetv2.training.nnUNetTrainer.nnUNetTrainer.infer_dataset_class",
+                    return_value=nnUNetDatasetBlosc2):
+        trainer.initialize()
     trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # sets the TTA mirror axes it saves
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     trainer.save_checkpoint(str(checkpoint))
