@@ -103,9 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0 = all cores)")
-    p.add_argument("--work", type=Path, default=C.DEFAULT_WORK)
-    p.add_argument("--out", type=Path, default=C.REPO_ROOT / "benchmarks" / "out" / "bench_accuracy.json")
-    p.add_argument("--verbose", action="store_true")
+    C.add_output_args(p, "bench_accuracy.json")
     return p
 
 

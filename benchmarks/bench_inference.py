@@ -24,7 +24,6 @@ import logging
 import os
 import statistics
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 if __package__ in (None, ""):
@@ -194,9 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ours_checkpoint", default=None, help="checkpoint .pth (default: fresh init)")
     p.add_argument("--nnunet_checkpoint", default=None, help="checkpoint .pth (default: fresh init)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0 = all cores)")
-    p.add_argument("--work", type=Path, default=C.DEFAULT_WORK, help="nnU-Net folders (default benchmarks/out/work)")
-    p.add_argument("--out", type=Path, default=C.REPO_ROOT / "benchmarks" / "out" / "bench_inference.json")
-    p.add_argument("--verbose", action="store_true")
+    C.add_output_args(p, "bench_inference.json")
     return p
 
 

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch CPU thread counts")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iterations", type=int, default=5)
-    p.add_argument("--out", type=Path, default=C.REPO_ROOT / "benchmarks" / "out" / "bench_samples.json")
+    C.add_output_args(p, "bench_samples.json", work=False, verbose=False)
     return p
 
 

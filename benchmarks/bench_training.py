@@ -213,12 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: nnUNet_compile=f, since ours never compiles)")
     p.add_argument("--n_proc_da", default="0", help="nnUNet_n_proc_DA for the workers (default 0: batches are "
                                                     "drawn before timing anyway)")
-    p.add_argument("--work", type=Path, default=C.DEFAULT_WORK)
-    p.add_argument("--out", type=Path, default=C.REPO_ROOT / "benchmarks" / "out" / "bench_training.json")
+    C.add_output_args(p, "bench_training.json")
     p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--_worker", choices=("time", "memory"), help=argparse.SUPPRESS)
     p.add_argument("--_result", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--verbose", action="store_true")
     return p
 
 

@@ -113,8 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="prior seed and tie-break permutation seed")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0 = all cores)")
     p.add_argument("-device", default="cpu")
-    p.add_argument("--out", type=Path, default=C.REPO_ROOT / "benchmarks" / "out" / "bench_uncertainty.json")
-    p.add_argument("--verbose", action="store_true")
+    C.add_output_args(p, "bench_uncertainty.json", work=False)
     return p
 
 

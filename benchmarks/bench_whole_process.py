@@ -152,9 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", nargs="+", choices=("on", "off"), default=["off", "on"])
     p.add_argument("--nnunet_workers", type=int, default=None,
                    help="-npp / -nps for nnU-Net's command (default: its own defaults, 3 / 3)")
-    p.add_argument("--work", type=Path, default=C.DEFAULT_WORK, help="nnU-Net folders (default benchmarks/out/work)")
-    p.add_argument("--out", type=Path, default=C.REPO_ROOT / "benchmarks" / "out" / "bench_whole_process.json")
-    p.add_argument("--verbose", action="store_true")
+    C.add_output_args(p, "bench_whole_process.json")
     return p
 
 

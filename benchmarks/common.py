@@ -112,6 +112,18 @@ def ensure_planned(name: str, configurations: Sequence[str], preprocess: bool = 
     return folder
 
 
+def add_output_args(parser: Any, out_name: str, work: bool = True, verbose: bool = True) -> None:
+    """The options the benchmark scripts share: ``--work`` (the nnU-Net folders), ``--out`` (the JSON, default
+    ``benchmarks/out/<out_name>``) and ``--verbose`` (DEBUG logging); ``parser`` an ``argparse.ArgumentParser``."""
+    if work:
+        parser.add_argument("--work", type=Path, default=DEFAULT_WORK,
+                            help="nnU-Net folders (default benchmarks/out/work)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "out" / out_name,
+                        help=f"result JSON (default benchmarks/out/{out_name})")
+    if verbose:
+        parser.add_argument("--verbose", action="store_true")
+
+
 def load_plans(name: str) -> tuple[dict, dict]:
     """(MedFlowSegPlans dict, dataset.json dict) from ``nnUNet_preprocessed``."""
     folder = Path(os.environ["nnUNet_preprocessed"]) / name

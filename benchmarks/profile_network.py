@@ -16,7 +16,6 @@ import logging
 import os
 import statistics
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 if __package__ in (None, ""):
@@ -194,8 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--detail", action="store_true", help="also time the children of DBSA / FAA blocks")
     p.add_argument("--top", type=int, default=16, help="module lines printed per variant")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0 = all cores)")
-    p.add_argument("--work", type=Path, default=C.DEFAULT_WORK)
-    p.add_argument("--out", type=Path, default=C.REPO_ROOT / "benchmarks" / "out" / "profile_network.json")
+    C.add_output_args(p, "profile_network.json", verbose=False)
     args = p.parse_args(argv)
     C.setup_logging()
     C.setup_env(args.work)
