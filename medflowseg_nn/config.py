@@ -64,6 +64,8 @@ class FlowMatchingConfig:
         mse_weight / seg_weight: weights of the flow MSE and of Dice + CE on the one-step estimate.
         steps / solver / time_grid: default ODE integration at inference (1 step Euler = one network call).
         prior_seed: seed of the Gaussian prior at inference.
+        own_estimate_fraction: share of the t > 0 samples trained on x_t between x0 and the network's own one-step
+            estimate instead of the label (:mod:`medflowseg_nn.flow.own_estimate`; ``x1`` only); 0 = off.
     """
 
     parameterization: str = "x1"
@@ -79,12 +81,18 @@ class FlowMatchingConfig:
     solver: str = "euler"
     time_grid: str = "uniform"
     prior_seed: int = 0
+    own_estimate_fraction: float = 0.0
     network: NetworkOptions = field(default_factory=NetworkOptions)
 
     def __post_init__(self) -> None:
         if self.parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"flow_matching.parameterization must be one of {PARAMETERIZATIONS}, "
                              f"got {self.parameterization!r}")
+        if not 0.0 <= self.own_estimate_fraction <= 1.0:
+            raise ValueError(f"flow_matching.own_estimate_fraction must be in [0, 1], got {self.own_estimate_fraction}")
+        if self.own_estimate_fraction > 0 and self.parameterization != "x1":
+            raise ValueError("flow_matching.own_estimate_fraction needs the x1 parameterization (the velocity target "
+                             "x1 - x0 does not match an x_t moved onto the model's own estimate)")
         self.build_time_sampler()
         self.solver_config()
 

@@ -4,14 +4,11 @@ Import as ``medflowseg_nn.trainers.mfs_trainer`` (the folder ``trainers/`` is in
 Kept from nnU-Net: data loading and augmentation, optimiser and poly LR, logging and progress.png, checkpoints,
 ``--c`` / ``--val``, final validation and export. Changed: the network (:class:`VectorFieldUNet`, built from the
 plans), the objective (:class:`FlowMatchingLoss` on x_t = (1 − t) x0 + t x1), validation (pseudo Dice of
-one-step inference from a seeded prior, plus a multi-step Dice on the first batches), the predictor used
-for the final validation (:class:`MedFlowSegPredictor`), after which a temperature is fitted on the validation
-probabilities (``fold_X/temperature.json``, applied by ``mfs_predict``; not for regions).
+one-step inference from a seeded prior, plus a multi-step Dice on the first batches), the final validation's
+predictor (:class:`MedFlowSegPredictor`), then a temperature fitted on its probabilities (``fold_X/temperature.json``).
 
-Deep supervision follows the plans (``flow_matching.network.deep_supervision``, on by default for new plans): when on,
-nnU-Net's dataloaders deliver the list of downsampled targets and the network's auxiliary heads get nnU-Net's
-Dice + CE with nnU-Net's weights (:meth:`MedFlowSegTrainer._build_aux_seg_loss`) on the samples at t = 0 only;
-the flow loss stays on the full-resolution output.
+Deep supervision follows the plans (``flow_matching.network.deep_supervision``, on by default): the auxiliary heads
+get nnU-Net's Dice + CE and weights on the t = 0 samples only (:meth:`MedFlowSegTrainer._build_aux_seg_loss`).
 
 Label spaces follow nnU-Net's label manager: plain labels (softmax), **regions** (``regions_class_order`` in
 dataset.json: R overlapping binary channels, sigmoid per channel, Dice + BCE, pseudo Dice of ``sigmoid > 0.5``
@@ -39,6 +36,7 @@ from medflowseg_nn import nnunet_compat
 from medflowseg_nn.config import PLANS_KEY, FlowMatchingConfig
 from medflowseg_nn.flow.label_space import LabelTarget, encode_labels, encode_regions, prior_where_ignored
 from medflowseg_nn.flow.loss import FlowMatchingLoss, interpret_output
+from medflowseg_nn.flow.own_estimate import one_step_estimate, own_estimate_path
 from medflowseg_nn.flow.path import LinearPath
 from medflowseg_nn.flow.solver import sample_prior
 from medflowseg_nn.inference.predictor import MedFlowSegPredictor
@@ -175,7 +173,11 @@ class MedFlowSegTrainer(nnUNetTrainer):
         encoded = self.encode_target(target[0] if isinstance(target, (list, tuple)) else target)
         x0 = torch.randn_like(encoded.x1)
         t = self.time_sampler.sample(x0.shape[0], device=x0.device)
-        path = self.path.sample(x0, prior_where_ignored(encoded.x1, x0, encoded.mask), t)
+        c, multilabel = self.flow_config, self.label_manager.has_regions
+        path = own_estimate_path(self.path.sample(x0, prior_where_ignored(encoded.x1, x0, encoded.mask), t),
+                                 lambda rows: one_step_estimate(self.network, image[rows], x0[rows], c.parameterization,
+                                                                c.logit_scale, multilabel),
+                                 c.own_estimate_fraction, c.zero_width)
         raw = self.network(image, path.x_t, t)
         outputs = raw if isinstance(raw, (list, tuple)) else [raw]
         losses = self.loss(outputs[0], path, encoded.labels, encoded.mask)

@@ -60,6 +60,12 @@ class MedFlowSegTrainer_velocityUniformTime(MedFlowSegTrainer):
     flow_overrides = {"parameterization": "velocity", "time_sampler": "uniform", "zero_fraction": 0.0}
 
 
+class MedFlowSegTrainer_ownEstimate(MedFlowSegTrainer):
+    """Half of the t > 0 samples trained on x_t between the prior and the network's own one-step estimate
+    (:mod:`medflowseg_nn.flow.own_estimate`), so that the later sampler steps learn to correct the first one."""
+    flow_overrides = {"own_estimate_fraction": 0.5}
+
+
 class MedFlowSegTrainer_deepSupervision(MedFlowSegTrainer):
     """Deep supervision: 1x1 heads on the decoder stages below full resolution, nnU-Net's Dice + CE and weights
     on the samples at t = 0 (see ``MedFlowSegTrainer._flow_loss``). The default since 2026-12-02; this variant

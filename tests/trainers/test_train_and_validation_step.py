@@ -13,7 +13,8 @@ import torch
 
 from medflowseg_nn.flow.path import LinearPath
 from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer
-from medflowseg_nn.trainers.variants import MedFlowSegTrainer_noDeepSupervision, MedFlowSegTrainer_velocity
+from medflowseg_nn.trainers.variants import (MedFlowSegTrainer_noDeepSupervision, MedFlowSegTrainer_ownEstimate,
+                                            MedFlowSegTrainer_velocity)
 from tests.conftest import plan_synthetic_dataset, tiny_network_plans
 
 CONFIG = "3d_fullres"
@@ -130,3 +131,38 @@ def test_validation_step_is_one_step_inference_from_the_seeded_prior(planned, cl
     assert len(trainer._multistep_stats) == 2
     ms_tp, _, ms_fn = trainer._multistep_stats[0]
     assert np.array_equal(ms_tp + ms_fn, counts)
+
+
+class OwnEstimateEverywhere(MedFlowSegTrainer_ownEstimate):
+    """Every t > 0 sample on the own-estimate path (deep supervision on, as by default: the network returns a list,
+    full resolution first)."""
+    flow_overrides = {"own_estimate_fraction": 1.0}
+
+
+def test_own_estimate_training_feeds_the_network_its_own_one_step_path(planned):
+    trainer = make_trainer(planned, OwnEstimateEverywhere)
+    assert trainer.flow_config.own_estimate_fraction == 1.0 and trainer.enable_deep_supervision
+    batch, _ = real_batches(trainer)
+    calls = []
+    hook = trainer.network.register_forward_hook(
+        lambda m, args, out: calls.append([a.detach().clone() for a in args] + [out[0].detach().clone()]))
+    for seed in range(20):  # a draw with samples both at t = 0 and at t > 0
+        calls.clear()
+        torch.manual_seed(seed)
+        losses = trainer._flow_loss(batch["data"].float(), [s.float() for s in batch["target"]])
+        t = calls[-1][2]
+        if 0 < int((t > 0).sum()) < t.numel():
+            break
+    hook.remove()
+    assert torch.isfinite(losses["loss"])
+    assert all(isinstance(c[3], torch.Tensor) and c[3].shape[0] == c[1].shape[0] for c in calls)  # full-res outputs
+    (image_sub, x0_sub, t0, raw_sub), (image, x_t, t, _) = calls
+    picked = torch.nonzero(t > 0).flatten()
+    # the estimate ran on exactly the t > 0 rows, from their prior draw at t = 0 ...
+    assert torch.equal(t0, torch.zeros(picked.numel())) and torch.equal(image_sub, image[picked])
+    # ... and the trained input lies on the line from that draw to the network's own estimate x̂1 = 2 softmax - 1
+    tt = t[picked].reshape(-1, *[1] * (x_t.ndim - 1))
+    expected = (1 - tt) * x0_sub + tt * (2 * torch.softmax(raw_sub.float(), 1) - 1)
+    assert torch.allclose(x_t[picked], expected, atol=1e-5)
+    torch.manual_seed(0)
+    assert np.isfinite(trainer.train_step(batch)["loss"])
