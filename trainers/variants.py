@@ -66,6 +66,18 @@ class MedFlowSegTrainer_ownEstimate(MedFlowSegTrainer):
     flow_overrides = {"own_estimate_fraction": 0.5}
 
 
+class MedFlowSegTrainer_ownEstimateAll(MedFlowSegTrainer):
+    """Every t > 0 sample on the sampler's own path (``own_estimate_fraction`` 1): no training input shows the
+    label, so the t > 0 half of the batch also learns the segmentation from the image (and to correct x̂1)."""
+    flow_overrides = {"own_estimate_fraction": 1.0}
+
+
+class MedFlowSegTrainer_oneStepOnly(MedFlowSegTrainer):
+    """Diagnostic: every sample at t = 0 (``zero_fraction`` 1), i.e. nnU-Net's task with a noise input channel;
+    it measures what the t > 0 half of the batch costs one-step Dice. Few-step sampling is untrained."""
+    flow_overrides = {"zero_fraction": 1.0}
+
+
 class MedFlowSegTrainer_deepSupervision(MedFlowSegTrainer):
     """Deep supervision: 1x1 heads on the decoder stages below full resolution, nnU-Net's Dice + CE and weights
     on the samples at t = 0 (see ``MedFlowSegTrainer._flow_loss``). The default since 2026-12-02; this variant

@@ -88,7 +88,8 @@ def test_velocity_variant_trains_and_losses_the_velocity_parameterization(planne
 
 @pytest.mark.parametrize("cls,zero_share", [(MedFlowSegTrainer, 0.5), (variants.MedFlowSegTrainer_uniformTime, 0.0),
                                             (variants.MedFlowSegTrainer_velocityUniformTime, 0.0),
-                                            (variants.MedFlowSegTrainer_velocity, 0.5)])
+                                            (variants.MedFlowSegTrainer_velocity, 0.5),
+                                            (variants.MedFlowSegTrainer_oneStepOnly, 1.0)])
 def test_time_sampler_mass_at_zero(planned, cls, zero_share):
     trainer = make_trainer(cls, planned, fresh(planned)[0])
     torch.manual_seed(0)
