@@ -2,12 +2,14 @@
 
 Times :class:`medflowseg_nn.inference.sampler.FlowSegmenter` with ``num_samples = K`` on one sliding-window tile
 (batch 1) of a plan's patch, freshly initialised weights (time does not depend on their values), under
-``torch.inference_mode`` — the path ``mfs_predict --num_samples K`` takes per tile: the K seeded priors run as one
-network batch, the image-only work (conditioning encoder, image part of the first convolution) once for all K
-(``shares_image_across_samples``), the priors' part of the first convolution cached per shape. Beside it, the same
-K samples with the image repeated K times through the field (what the sampler did before the sharing) and
-``K x`` one sample (K separate evaluations). Medians over ``--iterations`` after ``--warmup``, per torch thread
-count; plans from ``benchmarks/gpu_plans.json`` (no nnU-Net needed) or ``--tiny``.
+``torch.inference_mode``: the K seeded priors as one network batch (``samples_per_call=K``, what ``mfs_predict
+--num_samples K`` does per tile on a GPU), the image-only work (conditioning encoder, image part of the first
+convolution) once for all K (``shares_image_across_samples``), the priors' part of the first convolution cached
+per shape. Beside it: the same K samples with the image repeated K times through the field (what the sampler did
+before the sharing); the sampler's CPU default, one sample per network call (``samples_per_call=1``, measured: K
+calls that each redo the image-only work); and ``K x`` one sample (K times the K = 1 median). Medians over
+``--iterations`` after ``--warmup``, per torch thread count; plans from ``benchmarks/gpu_plans.json`` (no nnU-Net
+needed) or ``--tiny``.
 
     python benchmarks/bench_samples.py --plans_filter Hippocampus --threads 1 2
     python benchmarks/bench_samples.py --tiny --ks 1 2 --warmup 0 --iterations 1       # what the test runs
@@ -33,11 +35,12 @@ import gpu_check  # noqa: E402
 
 logger = logging.getLogger("benchmarks.samples")
 COLUMNS = ("plan", "threads", "K", "shared ms", "shared per sample ms", "shared / (K x one)", "repeated-image ms",
-           "repeated / (K x one)", "K x one ms")
+           "repeated / (K x one)", "one per call ms", "one per call / (K x one)", "K x one ms")
 
 
 def curve(name: str, plan: dict, ks: Sequence[int], threads: int, args: argparse.Namespace) -> list[dict]:
-    """Rows of one plan at one thread count: per K the shared-image sampler, the repeated-image batch and K x one."""
+    """Rows of one plan at one thread count: per K the shared-image batch, the repeated-image batch, one sample per
+    call, and K x one."""
     from medflowseg_nn.inference.sampler import FlowSegmenter
     torch.set_num_threads(threads)
     device = torch.device(args.device)
@@ -47,11 +50,16 @@ def curve(name: str, plan: dict, ks: Sequence[int], threads: int, args: argparse
     one_ms = None
     rows = []
     for k in ks:
-        segmenter = FlowSegmenter(field, classes, "x1", num_samples=k)
+        segmenter = FlowSegmenter(field, classes, "x1", num_samples=k, samples_per_call=k)
+        one_per_call = FlowSegmenter(field, classes, "x1", num_samples=k, samples_per_call=1)
 
         def shared() -> None:
             with torch.inference_mode():
                 segmenter(image)
+
+        def chunked() -> None:
+            with torch.inference_mode():
+                one_per_call(image)
 
         def repeated() -> None:
             with torch.inference_mode():
@@ -61,11 +69,14 @@ def curve(name: str, plan: dict, ks: Sequence[int], threads: int, args: argparse
         shared_ms = gpu_check.timed(shared, device, args.warmup, args.iterations)
         one_ms = shared_ms if k == 1 else one_ms
         repeated_ms = gpu_check.timed(repeated, device, args.warmup, args.iterations)
+        chunked_ms = gpu_check.timed(chunked, device, args.warmup, args.iterations)
         row = {"plan": name, "threads": threads, "K": k, "shared ms": round(shared_ms, 1),
-               "shared per sample ms": round(shared_ms / k, 1), "repeated-image ms": round(repeated_ms, 1)}
+               "shared per sample ms": round(shared_ms / k, 1), "repeated-image ms": round(repeated_ms, 1),
+               "one per call ms": round(chunked_ms, 1)}
         if one_ms is not None:
             row |= {"K x one ms": round(k * one_ms, 1), "shared / (K x one)": round(shared_ms / (k * one_ms), 3),
-                    "repeated / (K x one)": round(repeated_ms / (k * one_ms), 3)}
+                    "repeated / (K x one)": round(repeated_ms / (k * one_ms), 3),
+                    "one per call / (K x one)": round(chunked_ms / (k * one_ms), 3)}
         rows.append(row)
         logger.info("%s, %d thread(s), K=%d: %s", name, threads, k, row)
     return rows

@@ -2,7 +2,8 @@
 
 Each sliding-window patch is segmented by integrating the learned flow from a seeded prior: one network
 evaluation by default (``--steps 1``), Euler or Heun for more. ``--num_samples K`` grows K segmentations from
-the priors seeded ``--seed``, ``--seed + 1``, ... in one batched network call per patch and averages their
+the priors seeded ``--seed``, ``--seed + 1``, ... (one batched network call per patch on a GPU, one call per
+sample on CPU, see :class:`~medflowseg_nn.inference.sampler.FlowSegmenter`) and averages their
 probabilities; the same seed gives bit-identical outputs on the same machine. Preprocessing, Gaussian patch
 weighting, mirroring, resampling and export are nnU-Net's.
 
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None,
                    help="prior seed (default: plans, 0); sample k uses seed + k; same seed = identical output")
     p.add_argument("--num_samples", type=int, default=1,
-                   help="K flows per patch from K seeded priors, run as one batch, probabilities averaged")
+                   help="K flows per patch from K seeded priors, probabilities averaged")
     p.add_argument("--no_temperature", action="store_true",
                    help="do not divide the logits by the folds' fitted temperatures (fold_X/temperature.json)")
     p.add_argument("--save_probabilities", action="store_true",

@@ -2,9 +2,10 @@
 
 nnU-Net's preprocessing, sliding-window slicers, Gaussian weighting, mirroring TTA, fold ensembling, resampling
 and export are used as they are; the network it evaluates per patch is a :class:`FlowSegmenter` (seeded prior →
-label log-probabilities; K samples are one batched network evaluation). Only public ``nnUNetPredictor`` methods
-are overridden: ``manual_initialization``, ``initialize_from_trained_model_folder`` (no trainer-name search, which
-needs torchvision), ``predict_logits_from_preprocessed_data`` and ``predict_sliding_window_return_logits`` (both
+label log-probabilities; K samples one batched network evaluation on a GPU, one per sample on CPU). Only public
+``nnUNetPredictor`` methods are overridden: ``manual_initialization``, ``initialize_from_trained_model_folder``
+(no trainer-name search, which needs torchvision), ``predict_logits_from_preprocessed_data`` and
+``predict_sliding_window_return_logits`` (both
 through :meth:`MedFlowSegPredictor.predict_case`, which also returns the K-sample disagreement as a value).
 """
 from __future__ import annotations

@@ -7,10 +7,14 @@ nnU-Net's sliding window, mirroring and export then work unchanged. Its ``state_
 so checkpoints of the field load into it directly (nnU-Net's predictor reloads weights per fold).
 
 K samples (``num_samples``): sample ``k`` starts from the seeded prior ``x0_k = N(0, I)`` drawn with seed
-``seed + k``. All K flows of a patch go through the network as **one batch** of ``K · B`` patches, so K samples
-cost one (K times larger) network evaluation per solver step, not K separate calls; a field that
-``shares_image_across_samples`` gets the image once and runs its image-only parts (conditioning encoder, image
-part of the first conv) once for all K. The returned log-probabilities are those of the sample average
+``seed + k``. The K flows of a patch go through the network in calls of ``samples_per_call · B`` patches; a
+field that ``shares_image_across_samples`` gets the image once per call and runs its image-only parts
+(conditioning encoder, image part of the first conv) once for the samples of that call. By default
+(``samples_per_call=None``) all K share one call off the CPU (a larger batch is expected to use a GPU better; not
+measured here, no GPU) and run one per call on the CPU, where ``benchmarks/bench_samples.py`` measured the batched
+K = 8 at 1.16–1.30× the cost of 8 single calls per Hippocampus tile (RESULTS.md, 2026-12-03; the image-only work
+shared within a batch was ≈ 1 % of it). Outputs do not depend on the chunking (each sample has its own seeded
+prior; float rounding of another batch size aside). The returned log-probabilities are those of the sample average
 ``log(mean_k p_k)``. :meth:`FlowSegmenter.sample` returns the per-sample log-probabilities ``[K, B, C, *S]`` as
 well, which the sliding window stitches into the sample-disagreement map
 (:mod:`medflowseg_nn.inference.sliding_window`).
@@ -75,10 +79,13 @@ class FlowSegmenter(nn.Module):
 
     def __init__(self, field: nn.Module, num_classes: int, parameterization: str,
                  solver: SolverConfig = SolverConfig(), seed: int = 0, num_samples: int = 1,
-                 logit_scale: float = 5.0, multilabel: bool = False):
+                 logit_scale: float = 5.0, multilabel: bool = False, samples_per_call: Optional[int] = None):
         super().__init__()
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if samples_per_call is not None and samples_per_call < 1:
+            raise ValueError(f"samples_per_call must be >= 1 or None, got {samples_per_call}")
+        self.samples_per_call = samples_per_call
         self.field = field
         self.num_classes = num_classes
         self.parameterization = parameterization
@@ -127,35 +134,49 @@ class FlowSegmenter(nn.Module):
         """``[K, B, C, *S]`` per-sample outputs → ``[B, C, *S]`` output of the sample-mean probabilities."""
         return average_region_logits(log_p) if self.multilabel else average_log_probabilities(log_p)
 
+    def chunk_size(self, device: torch.device) -> int:
+        """Samples per network call: ``samples_per_call``, or for ``None`` all K off the CPU and 1 on it."""
+        if self.samples_per_call is not None:
+            return min(self.samples_per_call, self.num_samples)
+        return 1 if device.type == "cpu" else self.num_samples
+
     def sample_log_probabilities(self, image: Tensor) -> Tensor:
         """``image [B, C_img, *S]`` → per-sample log-probabilities ``[num_samples, B, C, *S]`` (float32).
 
-        All samples run as one batch of ``num_samples * B``. One Euler step with the ``x1`` parameterisation is
-        ``log_softmax`` of the raw network output at ``(x0_k, t = 0)`` (regions: the raw output itself, the
-        per-region sigmoid logits).
+        The samples run in calls of :meth:`chunk_size` samples (``chunk * B`` rows each). One Euler step with the
+        ``x1`` parameterisation is ``log_softmax`` of the raw network output at ``(x0_k, t = 0)`` (regions: the
+        raw output itself, the per-region sigmoid logits).
         """
         batch, spatial = image.shape[0], tuple(image.shape[2:])
         x0 = self.prior(batch, spatial, image.device, image.dtype)
-        shared = getattr(self.field, "shares_image_across_samples", False)
-        image_k = image.repeat(self.num_samples, *([1] * (image.ndim - 1))) if self.num_samples > 1 and not shared \
-            else image
-        if self.solver.steps == 1 and self.solver.method == "euler":
-            t0 = torch.zeros(x0.shape[0], device=image.device, dtype=image.dtype)
-            projection = self.prior_projection(x0)
-            raw = self.field(image_k, x0, t0) if projection is None else \
-                self.field(image_k, x0, t0, x_t_projection=projection)
-            out = interpret_output(raw, x0, t0, self.parameterization, self.logit_scale, multilabel=self.multilabel)
-            if self.parameterization == "x1":
-                log_p = out.logits.float() if self.multilabel else torch.log_softmax(out.logits.float(), 1)
-            else:
-                log_p = target_to_logits(out.x1_hat, multilabel=self.multilabel)
-        else:
-            x1 = integrate(lambda x, t: self.velocity(image_k, x, t), x0, self.solver)
-            log_p = target_to_logits(x1, multilabel=self.multilabel)
+        one_step = self.solver.steps == 1 and self.solver.method == "euler"
+        projection = self.prior_projection(x0) if one_step else None
+        chunk = self.chunk_size(image.device)
+        parts = []
+        for start in range(0, self.num_samples, chunk):
+            rows = slice(start * batch, min(start + chunk, self.num_samples) * batch)
+            parts.append(self._samples(image, x0[rows], None if projection is None else projection[rows], one_step))
+        log_p = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
         return log_p.reshape(self.num_samples, batch, *log_p.shape[1:])
 
+    def _samples(self, image: Tensor, x0: Tensor, projection: Optional[Tensor], one_step: bool) -> Tensor:
+        """Log-probabilities ``[n * B, C, *S]`` of the n samples whose priors are ``x0 [n * B, C, *S]``."""
+        n = x0.shape[0] // image.shape[0]
+        shared = getattr(self.field, "shares_image_across_samples", False)
+        image_k = image.repeat(n, *([1] * (image.ndim - 1))) if n > 1 and not shared else image
+        if not one_step:
+            x1 = integrate(lambda x, t: self.velocity(image_k, x, t), x0, self.solver)
+            return target_to_logits(x1, multilabel=self.multilabel)
+        t0 = torch.zeros(x0.shape[0], device=image.device, dtype=image.dtype)
+        raw = self.field(image_k, x0, t0) if projection is None else \
+            self.field(image_k, x0, t0, x_t_projection=projection)
+        out = interpret_output(raw, x0, t0, self.parameterization, self.logit_scale, multilabel=self.multilabel)
+        if self.parameterization != "x1":
+            return target_to_logits(out.x1_hat, multilabel=self.multilabel)
+        return out.logits.float() if self.multilabel else torch.log_softmax(out.logits.float(), 1)
+
     def sample(self, image: Tensor) -> SampledPatch:
-        """``image [B, C_img, *S]`` → :class:`SampledPatch` (sample mean and the K samples, one network batch)."""
+        """``image [B, C_img, *S]`` → :class:`SampledPatch` (sample mean and the K samples)."""
         log_p = self.sample_log_probabilities(image)
         return SampledPatch(mean_log_probabilities=self.average(log_p), sample_log_probabilities=log_p)
 

@@ -73,7 +73,7 @@ def test_same_seed_identical_different_seed_differs(field, image):
 @torch.no_grad()
 def test_k_samples_are_one_batched_call_and_average_probabilities(field, image):
     counting = CountingField(field)
-    seg = FlowSegmenter(counting, 3, "x1", seed=0, num_samples=4)
+    seg = FlowSegmenter(counting, 3, "x1", seed=0, num_samples=4, samples_per_call=4)
     out = seg.sample(image)
     log_p = out.mean_log_probabilities
     assert counting.batches == [4 * 2]  # one network call with all K samples of both images
@@ -87,6 +87,28 @@ def test_k_samples_are_one_batched_call_and_average_probabilities(field, image):
     single = FlowSegmenter(field, 3, "x1", seed=0, num_samples=1)(image)
     assert torch.allclose(samples[0].log(), single, atol=1e-4)
     assert not torch.allclose(samples[0], samples[1])  # the field depends on x_t: samples differ
+
+
+@pytest.mark.parametrize("solver", [SolverConfig(), SolverConfig(2, "heun")], ids=["one_step", "heun2"])
+@pytest.mark.parametrize("samples_per_call,calls", [(None, [2, 2, 2, 2]), (1, [2, 2, 2, 2]), (3, [6, 2]),
+                                                    (4, [8]), (9, [8])])
+@torch.no_grad()
+def test_samples_per_call_splits_the_calls_not_the_result(field, image, solver, samples_per_call, calls):
+    """On CPU the default is one sample per call; any chunking gives the batched samples (same seeded priors)."""
+    batched = FlowSegmenter(field, 3, "x1", solver, seed=0, num_samples=4, samples_per_call=4).sample(image)
+    counting = CountingField(field)
+    seg = FlowSegmenter(counting, 3, "x1", solver, seed=0, num_samples=4, samples_per_call=samples_per_call)
+    out = seg.sample(image)
+    # chunk after chunk, each solved whole (Heun N = 2: 4 field evaluations per chunk)
+    assert counting.batches == [b for b in calls for _ in range(solver.num_evaluations)]
+    # compared as probabilities: float rounding of another batch size moves log p ~ -10 by ~1e-2 (p by ~1e-5)
+    assert torch.allclose(out.sample_log_probabilities.exp(), batched.sample_log_probabilities.exp(), atol=1e-4)
+    assert torch.allclose(out.mean_log_probabilities.exp(), batched.mean_log_probabilities.exp(), atol=1e-4)
+
+
+def test_samples_per_call_must_be_positive(field):
+    with pytest.raises(ValueError, match="samples_per_call"):
+        FlowSegmenter(field, 3, "x1", num_samples=2, samples_per_call=0)
 
 
 @torch.no_grad()
@@ -146,7 +168,7 @@ class ProjectionCounter(nn.Module):
 
 def test_one_step_reuses_the_prior_projection_until_the_weights_change(image):
     counter = ProjectionCounter(tiny_field(seed=5))
-    seg = FlowSegmenter(counter, 3, "x1", seed=0, num_samples=2)
+    seg = FlowSegmenter(counter, 3, "x1", seed=0, num_samples=2, samples_per_call=2)
     with torch.no_grad():
         first = seg(image)
         assert torch.equal(seg(image), first)
@@ -173,8 +195,9 @@ def test_a_sharing_field_gets_each_image_once_for_k_samples(image, solver):
     batches = []
     field.register_forward_pre_hook(lambda module, args: batches.append((args[0].shape[0], args[1].shape[0])))
     with torch.no_grad():
-        shared = FlowSegmenter(field, 3, "x1", solver=solver, seed=0, num_samples=4).sample(image)
-        repeated = FlowSegmenter(CountingField(field), 3, "x1", solver=solver, seed=0, num_samples=4).sample(image)
+        shared = FlowSegmenter(field, 3, "x1", solver=solver, seed=0, num_samples=4, samples_per_call=4).sample(image)
+        repeated = FlowSegmenter(CountingField(field), 3, "x1", solver=solver, seed=0, num_samples=4,
+                                 samples_per_call=4).sample(image)
     first_calls = batches[: len(batches) // 2]
     assert first_calls and all(b == (2, 8) for b in first_calls)  # 2 images, 4 x 2 x_t
     assert torch.allclose(shared.sample_log_probabilities, repeated.sample_log_probabilities, atol=1e-5)
