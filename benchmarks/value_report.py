@@ -1,6 +1,14 @@
-"""Scoring and tables of ``bench_value.py``: per-run accumulation over test cases, mean (min-max) over seeds."""
+"""Scoring and tables of ``bench_value.py``: per-run accumulation over test cases, mean (min-max) over seeds.
+
+Run as a script, it merges the JSONs of several ``bench_value.py`` runs (e.g. one per seed, trained in separate
+processes) into the same tables over all their runs:
+
+    python benchmarks/value_report.py out_s0/bench_value_e1i250b7.json out_s1/bench_value_e1i250b7.json
+"""
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -90,3 +98,31 @@ def tables(results: dict[str, list[dict]]) -> tuple[str, str]:
                 row[f"{label} {region}"] = fmt(get(lambda r: r[region][key]), 4 if region == "all" else 3)
         cal_rows.append(row)
     return (C.markdown_table(seg_rows, list(seg_rows[0])), C.markdown_table(cal_rows, list(cal_rows[0])))
+
+
+def merge(payloads: Sequence[dict]) -> dict[str, list[dict]]:
+    """``results`` of several bench_value payloads: per method row, the runs of all payloads (first-seen row
+    order; a row only some payloads have keeps just their runs)."""
+    merged: dict[str, list[dict]] = {}
+    for payload in payloads:
+        for method, runs in payload["results"].items():
+            merged.setdefault(method, []).extend(runs)
+    return merged
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("json", nargs="+", type=Path, help="bench_value_*.json files")
+    p.add_argument("--out", type=Path, default=None, help="write the merged tables (markdown) here")
+    args = p.parse_args(argv)
+    payloads = [json.loads(f.read_text()) for f in args.json]
+    seg, cal = tables(merge(payloads))
+    text = "\n".join(f"- {f}: {pl.get('head', '')}" for f, pl in zip(args.json, payloads)) + f"\n\n{seg}\n\n{cal}\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
