@@ -32,7 +32,8 @@ class TimeEmbedding(nn.Module):
 class TimeModulation(nn.Module):
     """x · (1 + scale(temb)) + shift(temb) with a zero-initialised projection (identity at init).
 
-    ``x``: ``[B, C, *S]``, ``temb``: ``[B, D]``.
+    ``x``: ``[B, C, *S]``, ``temb``: ``[B, D]``. One fused ``addcmul`` pass over ``x`` (the two-operator form
+    writes and reads a full-size temporary; these passes run at every encoder and decoder stage).
     """
 
     def __init__(self, time_dim: int, channels: int):
@@ -44,4 +45,4 @@ class TimeModulation(nn.Module):
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         scale, shift = self.proj(temb).to(x.dtype).chunk(2, dim=1)
         shape = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
-        return x * (1 + scale.reshape(shape)) + shift.reshape(shape)
+        return torch.addcmul(shift.reshape(shape), x, 1 + scale.reshape(shape))
