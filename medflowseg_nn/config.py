@@ -65,7 +65,9 @@ class FlowMatchingConfig:
         steps / solver / time_grid: default ODE integration at inference (1 step Euler = one network call).
         prior_seed: seed of the Gaussian prior at inference.
         own_estimate_fraction: share of the t > 0 samples trained on x_t between x0 and the network's own one-step
-            estimate instead of the label (:mod:`medflowseg_nn.flow.own_estimate`; ``x1`` only); 0 = off.
+            estimate instead of the label (:mod:`medflowseg_nn.flow.own_estimate`; ``x1`` only); 0 = off (plain
+            flow matching on the label's path). 1 by default since 2026-12-03; a block written before the default
+            moved (one without the key) means 0, and the ``velocity`` parameterisation needs 0.
     """
 
     parameterization: str = "x1"
@@ -81,7 +83,7 @@ class FlowMatchingConfig:
     solver: str = "euler"
     time_grid: str = "uniform"
     prior_seed: int = 0
-    own_estimate_fraction: float = 0.0
+    own_estimate_fraction: float = 1.0
     network: NetworkOptions = field(default_factory=NetworkOptions)
 
     def __post_init__(self) -> None:
@@ -120,6 +122,8 @@ class FlowMatchingConfig:
             raise ValueError(f"unknown keys in flow_matching.network: {sorted(set(net) - net_names)}")
         if net:  # a network block written before the option existed meant "off" (see NetworkOptions)
             net.setdefault("deep_supervision", False)
+        if d or net:  # so did a block written before own-estimate training became the default
+            d.setdefault("own_estimate_fraction", 0.0)
         return cls(network=NetworkOptions(**net), **d)
 
     @classmethod

@@ -81,7 +81,11 @@ def test_one_step_estimate_is_the_x1_mask_of_the_full_resolution_output():
 def test_config_keeps_the_option_and_refuses_it_for_velocity():
     config = FlowMatchingConfig(own_estimate_fraction=0.5)
     assert FlowMatchingConfig.from_dict(config.to_dict()) == config
-    assert FlowMatchingConfig().own_estimate_fraction == 0.0  # off by default; old plans lack the key
+    assert FlowMatchingConfig().own_estimate_fraction == 1.0  # the default since 2026-12-03
+    assert FlowMatchingConfig.from_dict(None).own_estimate_fraction == 1.0  # plans without a block: the default
+    old = {k: v for k, v in FlowMatchingConfig().to_dict().items() if k != "own_estimate_fraction"}
+    assert FlowMatchingConfig.from_dict(old).own_estimate_fraction == 0.0  # a block written before: off
+    assert FlowMatchingConfig.from_dict({"parameterization": "velocity"}).own_estimate_fraction == 0.0
     with pytest.raises(ValueError, match="x1 parameterization"):
         FlowMatchingConfig(parameterization="velocity", own_estimate_fraction=0.5)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):

@@ -103,7 +103,7 @@ def test_planned_plans_have_the_flow_block_and_the_estimates_network(planned):
 
 
 def test_save_plans_writes_the_planners_own_flow_config(planned):
-    config = FlowMatchingConfig(parameterization="velocity", steps=4).with_network(use_faa=False,
+    config = FlowMatchingConfig(parameterization="velocity", steps=4, own_estimate_fraction=0.0).with_network(use_faa=False,
                                                                                   dbsa_stages=[0, 1])
     planner = MedFlowSegPlanner(DATASET, plans_name="CustomPlans", flow_config=config)
     plans = copy.deepcopy(planned.plans)

@@ -80,7 +80,8 @@ def test_train_step_returns_the_batch_loss_and_updates_the_network(planned, cls)
     assert np.isfinite(trainer.train_step(batch)["loss"])
     dead = [k for k, p in params.items() if p.grad is None or p.grad.abs().sum() == 0]
     assert not dead
-    assert all(not torch.equal(p.detach(), before[k]) for k, p in params.items())
+    unchanged = [k for k, p in params.items() if torch.equal(p.detach(), before[k])]
+    assert not unchanged, unchanged
 
 
 def hand_stats(pred: torch.Tensor, seg: torch.Tensor) -> np.ndarray:

@@ -103,6 +103,17 @@ def test_time_sampler_mass_at_zero(planned, cls, zero_share):
         assert abs(share - zero_share) < 0.02
 
 
+@pytest.mark.parametrize("cls,fraction", [(MedFlowSegTrainer, 1.0), (variants.MedFlowSegTrainer_labelPath, 0.0),
+                                          (variants.MedFlowSegTrainer_ownEstimate, 0.5),
+                                          (variants.MedFlowSegTrainer_velocity, 0.0),
+                                          (variants.MedFlowSegTrainer_uniformTime, 0.0)])
+def test_own_estimate_fraction_of_fresh_plans(planned, cls, fraction):
+    """Fresh plans carry the planner's default (own-estimate training on); the label-path variants turn it off."""
+    plans, pm = fresh(planned)
+    assert plans[PLANS_KEY]["own_estimate_fraction"] == 1.0
+    assert make_trainer(cls, planned, plans).flow_config.own_estimate_fraction == fraction
+
+
 def test_resolved_flow_config_is_pure_and_idempotent(planned):
     plans, pm = fresh(planned)
     cm = pm.get_configuration(CONFIG)
