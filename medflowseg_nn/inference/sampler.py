@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from medflowseg_nn.flow.label_space import target_to_logits
 from medflowseg_nn.flow.loss import interpret_output
 from medflowseg_nn.flow.solver import SolverConfig, integrate, sample_prior
+from medflowseg_nn.networks.vector_field_unet import repeat_batch
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ class FlowSegmenter(nn.Module):
         """Log-probabilities ``[n * B, C, *S]`` of the n samples whose priors are ``x0 [n * B, C, *S]``."""
         n = x0.shape[0] // image.shape[0]
         shared = getattr(self.field, "shares_image_across_samples", False)
-        image_k = image.repeat(n, *([1] * (image.ndim - 1))) if n > 1 and not shared else image
+        image_k = image if shared else repeat_batch(image, n)
         if not one_step:
             x1 = integrate(lambda x, t: self.velocity(image_k, x, t), x0, self.solver)
             return target_to_logits(x1, multilabel=self.multilabel)
