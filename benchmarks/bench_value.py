@@ -38,6 +38,7 @@ if __package__ in (None, ""):
     import sys
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
+from value_models import budget_tag, train_or_load  # noqa: E402
 from value_report import RunScores, tables  # noqa: E402
 
 logger = logging.getLogger("benchmarks.value")
@@ -54,46 +55,6 @@ def write_splits(folder: Path, cases: list[str], n_test: int) -> tuple[list[str]
         logger.warning("overwriting %s with the held-out-test splits", path)
     path.write_text(json.dumps(splits, indent=1))
     return test, splits
-
-
-def get_trainer(method: str, fold: int, args: argparse.Namespace, plans: dict, dataset_json: dict):
-    import copy
-    import torch
-    device = torch.device(args.device)
-    if method == "nnunet" or args.ours_trainer == "MedFlowSegTrainer":
-        return C.trainer_for(method, plans, dataset_json, args.configuration, fold, device)
-    from medflowseg_nn.plugins import get_trainer_class
-    plans = copy.deepcopy(plans)
-    plans["continue_training"] = False
-    return get_trainer_class(args.ours_trainer)(plans=plans, configuration=args.configuration, fold=fold,
-                                                dataset_json=dataset_json, device=device)
-
-
-def train_or_load(method: str, fold: int, seed: int, args: argparse.Namespace, plans: dict, dataset_json: dict):
-    """Trained trainer (network in memory) and training seconds; cached as a state dict per (method, fold, seed)."""
-    import torch
-    tag = f"{method if method == 'nnunet' else args.ours_trainer}_f{fold}_s{seed}_{args.budget_tag}"
-    cache = args.work / "value_models" / f"{tag}.pth"
-    trainer = get_trainer(method, fold, args, plans, dataset_json)
-    trainer.num_epochs, trainer.num_iterations_per_epoch = args.epochs, args.iterations_per_epoch
-    trainer.num_val_iterations_per_epoch = args.val_iterations
-    if hasattr(trainer, "val_multistep_batches"):
-        trainer.val_multistep_batches = 0
-    if cache.is_file():
-        saved = torch.load(cache, map_location="cpu", weights_only=False)
-        trainer.initialize()
-        trainer.network.load_state_dict(saved["state_dict"])
-        logger.info("%s: loaded cached weights %s", tag, cache)
-        return trainer, saved["train_s"]
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    t0 = time.perf_counter()
-    trainer.run_training()
-    train_s = time.perf_counter() - t0
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": trainer.network.state_dict(), "train_s": train_s}, cache)
-    logger.info("%s: trained in %.0f s", tag, train_s)
-    return trainer, train_s
 
 
 def make_predictor(trainer, method: str, args: argparse.Namespace, solver: str = "euler", steps: int = 1,
@@ -194,7 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
     from medflowseg_nn.temperature import apply_temperature
     torch.set_num_threads(args.threads)
-    args.budget_tag = f"e{args.epochs}i{args.iterations_per_epoch}b{args.batch_size}"
+    args.budget_tag = budget_tag(args)
     t_start = time.perf_counter()
     name = C.resolve_dataset_name(args.d)
     folder = C.ensure_planned(name, [args.configuration], preprocess=True)

@@ -1,0 +1,101 @@
+"""Train (or load from the cache) the models of ``bench_value.py``, one per process if wanted.
+
+``bench_value.py`` trains its models one after the other in one process. On a machine with two cores two
+trainings can run side by side instead, each in its own process with one torch thread: run this script once per
+model with bench_value's own flags, then ``bench_value.py`` with the same flags finds every model in the cache
+(``WORK/value_models/{trainer}_f{fold}_s{seed}_{budget}.pth``) and only predicts.
+
+    python benchmarks/value_models.py nnunet 0 --fold 0 -c 2d --epochs 5 --iterations_per_epoch 100 \
+        --batch_size 32 --threads 1 --work /work/bench_work &
+    python benchmarks/value_models.py ours 0 --fold 0 -c 2d ... (the same flags) &
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+if __package__ in (None, ""):
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
+
+logger = logging.getLogger("benchmarks.value")
+
+
+def get_trainer(method: str, fold: int, args: argparse.Namespace, plans: dict, dataset_json: dict):
+    import copy
+    import torch
+    device = torch.device(args.device)
+    if method == "nnunet" or args.ours_trainer == "MedFlowSegTrainer":
+        return C.trainer_for(method, plans, dataset_json, args.configuration, fold, device)
+    from medflowseg_nn.plugins import get_trainer_class
+    plans = copy.deepcopy(plans)
+    plans["continue_training"] = False
+    return get_trainer_class(args.ours_trainer)(plans=plans, configuration=args.configuration, fold=fold,
+                                                dataset_json=dataset_json, device=device)
+
+
+def budget_tag(args: argparse.Namespace) -> str:
+    """``e{epochs}i{iterations}b{batch}``, with ``_{configuration}`` unless 3d_fullres (the cache names of
+    3d_fullres models written before the configuration was part of the tag stay valid)."""
+    tag = f"e{args.epochs}i{args.iterations_per_epoch}b{args.batch_size}"
+    return tag if args.configuration == "3d_fullres" else f"{tag}_{args.configuration}"
+
+
+def train_or_load(method: str, fold: int, seed: int, args: argparse.Namespace, plans: dict, dataset_json: dict):
+    """Trained trainer (network in memory) and training seconds; cached as a state dict per (method, fold, seed)."""
+    import torch
+    tag = f"{method if method == 'nnunet' else args.ours_trainer}_f{fold}_s{seed}_{args.budget_tag}"
+    cache = args.work / "value_models" / f"{tag}.pth"
+    trainer = get_trainer(method, fold, args, plans, dataset_json)
+    trainer.num_epochs, trainer.num_iterations_per_epoch = args.epochs, args.iterations_per_epoch
+    trainer.num_val_iterations_per_epoch = args.val_iterations
+    if hasattr(trainer, "val_multistep_batches"):
+        trainer.val_multistep_batches = 0
+    if cache.is_file():
+        saved = torch.load(cache, map_location="cpu", weights_only=False)
+        trainer.initialize()
+        trainer.network.load_state_dict(saved["state_dict"])
+        logger.info("%s: loaded cached weights %s", tag, cache)
+        return trainer, saved["train_s"]
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    t0 = time.perf_counter()
+    trainer.run_training()
+    train_s = time.perf_counter() - t0
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": trainer.network.state_dict(), "train_s": train_s}, cache)
+    logger.info("%s: trained in %.0f s", tag, train_s)
+    return trainer, train_s
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from bench_value import build_parser, write_splits
+    parser = build_parser()
+    parser.description = "train one bench_value model: METHOD SEED [--fold F] [bench_value flags]"
+    parser.add_argument("method", choices=["nnunet", "ours"])
+    parser.add_argument("seed", type=int)
+    parser.add_argument("--fold", type=int, default=0)
+    args = parser.parse_args(argv)
+    C.setup_logging(args.verbose)
+    C.setup_env(args.work, n_proc_da=args.n_proc_da)
+    import torch
+    torch.set_num_threads(args.threads)
+    args.budget_tag = budget_tag(args)
+    name = C.resolve_dataset_name(args.d)
+    folder = C.ensure_planned(name, [args.configuration], preprocess=True)
+    plans, dataset_json = C.load_plans(name)
+    plans["configurations"][args.configuration]["batch_size"] = args.batch_size
+    write_splits(folder, C.case_ids(name), args.n_test)
+    _, seconds = train_or_load(args.method, args.fold, args.seed, args, plans, dataset_json)
+    print(f"{args.method} fold {args.fold} seed {args.seed} ({args.budget_tag}): {seconds:.0f} s of training")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
