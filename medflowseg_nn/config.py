@@ -68,6 +68,9 @@ class FlowMatchingConfig:
             estimate instead of the label (:mod:`medflowseg_nn.flow.own_estimate`; ``x1`` only); 0 = off (plain
             flow matching on the label's path). 1 by default since 2026-12-03; a block written before the default
             moved (one without the key) means 0, and the ``velocity`` parameterisation needs 0.
+        aux_on_own_estimate: the deep-supervision heads are trained on every label-free sample — those at t = 0
+            and those on the sampler's own path (:func:`~medflowseg_nn.flow.own_estimate.label_free`) — instead
+            of the t = 0 samples only (``False``, the meaning of a block without the key).
     """
 
     parameterization: str = "x1"
@@ -84,6 +87,7 @@ class FlowMatchingConfig:
     time_grid: str = "uniform"
     prior_seed: int = 0
     own_estimate_fraction: float = 1.0
+    aux_on_own_estimate: bool = False
     network: NetworkOptions = field(default_factory=NetworkOptions)
 
     def __post_init__(self) -> None:

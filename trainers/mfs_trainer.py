@@ -8,9 +8,7 @@ one-step inference from a seeded prior, plus a multi-step Dice on the first batc
 predictor (:class:`MedFlowSegPredictor`), then a temperature fitted on its probabilities (``fold_X/temperature.json``).
 
 Deep supervision follows the plans (``flow_matching.network.deep_supervision``, on by default): the auxiliary heads
-get nnU-Net's Dice + CE and weights on the t = 0 samples only (:meth:`MedFlowSegTrainer._build_aux_seg_loss`).
-
-Label spaces follow nnU-Net's label manager: plain labels (softmax), **regions** (``regions_class_order`` in
+get nnU-Net's Dice + CE and weights on the t = 0 samples (:meth:`MedFlowSegTrainer._flow_loss`). Label spaces follow nnU-Net's label manager: plain labels (softmax), **regions** (``regions_class_order`` in
 dataset.json: R overlapping binary channels, sigmoid per channel, Dice + BCE, pseudo Dice of ``sigmoid > 0.5``
 per region) and the **ignore label** (``"ignore"`` in dataset.json's labels: ignored voxels add nothing to any
 loss term, their x_t is the prior draw x0 at every t, and the pseudo Dice skips them), also combined
@@ -36,7 +34,7 @@ from medflowseg_nn import nnunet_compat
 from medflowseg_nn.config import PLANS_KEY, FlowMatchingConfig
 from medflowseg_nn.flow.label_space import LabelTarget, encode_labels, encode_regions, prior_where_ignored
 from medflowseg_nn.flow.loss import FlowMatchingLoss, interpret_output
-from medflowseg_nn.flow.own_estimate import one_step_estimate, own_estimate_path
+from medflowseg_nn.flow.own_estimate import label_free, one_step_estimate, own_estimate_path, own_estimate_rows
 from medflowseg_nn.flow.path import LinearPath
 from medflowseg_nn.flow.solver import sample_prior
 from medflowseg_nn.inference.predictor import MedFlowSegPredictor
@@ -168,22 +166,24 @@ class MedFlowSegTrainer(nnUNetTrainer):
         """``image`` ``[B, C, *S]``; ``target`` ``[B, 1, *S]`` (regions: ``[B, R (+1), *S]``) or the
         deep-supervision list (full resolution first). Flow loss on the full-resolution output; with deep
         supervision, plus ``seg_weight`` times the auxiliary Dice + CE of the samples drawn at t = 0 (t ≤
-        ``zero_width``): there the output is the one-step estimate from the image alone, while at t > 0 the label
-        is visible in x_t and a head could copy it."""
+        ``zero_width``): there the output is the one-step estimate from the image alone, while on the label's
+        path at t > 0 the label is visible in x_t and a head could copy it (``aux_on_own_estimate``: also of the
+        samples moved onto the sampler's own path)."""
         encoded = self.encode_target(target[0] if isinstance(target, (list, tuple)) else target)
         x0 = torch.randn_like(encoded.x1)
         t = self.time_sampler.sample(x0.shape[0], device=x0.device)
         c, multilabel = self.flow_config, self.label_manager.has_regions
+        moved = own_estimate_rows(t, c.own_estimate_fraction, c.zero_width) if c.own_estimate_fraction else t[:0].long()
         path = own_estimate_path(self.path.sample(x0, prior_where_ignored(encoded.x1, x0, encoded.mask), t),
                                  lambda rows: one_step_estimate(self.network, image[rows], x0[rows], c.parameterization,
                                                                 c.logit_scale, multilabel),
-                                 c.own_estimate_fraction, c.zero_width)
+                                 c.own_estimate_fraction, c.zero_width, rows=moved)
         raw = self.network(image, path.x_t, t)
         outputs = raw if isinstance(raw, (list, tuple)) else [raw]
         losses = self.loss(outputs[0], path, encoded.labels, encoded.mask)
         if self.aux_seg_loss is None or len(outputs) == 1:
             return losses
-        at_zero = t <= self.flow_config.zero_width
+        at_zero = label_free(t, moved, c.zero_width) if c.aux_on_own_estimate else t <= c.zero_width
         # a zero that reaches every head: DDP expects a gradient for each parameter, and nnU-Net's wrapper skips
         # the heads whose weight is 0 (the lowest scale) as well as everything when no sample is at t = 0
         reach_all = sum(0.0 * o.sum() for o in outputs[1:])
@@ -192,9 +192,8 @@ class MedFlowSegTrainer(nnUNetTrainer):
         return {**losses, "loss": losses["loss"] + self.flow_config.seg_weight * aux, "aux": aux.detach()}
 
     def _to_device(self, target: Target) -> Target:
-        if isinstance(target, (list, tuple)):
-            return [s.to(self.device, non_blocking=True) for s in target]
-        return target.to(self.device, non_blocking=True)
+        to = lambda s: s.to(self.device, non_blocking=True)  # noqa: E731
+        return [to(s) for s in target] if isinstance(target, (list, tuple)) else to(target)
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()

@@ -110,3 +110,9 @@ class MedFlowSegTrainer_smokeOneEpoch(MedFlowSegTrainer_smokeNoMirroring):
     """One epoch of the smoke budget, no mirroring: for the after-training workflow tests, which train two
     configurations x two folds (on 2 cores each epoch end costs ~1 s of nnU-Net's progress plot and checkpoint)."""
     trainer_overrides = {**MedFlowSegTrainer_smoke.trainer_overrides, "num_epochs": 1}
+
+
+class MedFlowSegTrainer_auxOwnEstimate(MedFlowSegTrainer):
+    """Deep-supervision heads trained on every label-free sample: the t = 0 ones and those on the sampler's own
+    path (``aux_on_own_estimate``), twice the auxiliary signal of the default at own-estimate fraction 1."""
+    flow_overrides = {"aux_on_own_estimate": True}

@@ -43,15 +43,25 @@ def own_estimate_rows(t: Tensor, fraction: float, zero_width: float = 0.0,
     return torch.nonzero(pick & (t > zero_width)).flatten()
 
 
+def label_free(t: Tensor, moved: Tensor, zero_width: float = 0.0) -> Tensor:
+    """``[B]`` bool: the samples whose x_t does not show the label, so that a head on them has to segment from
+    the image — those drawn at ``t <= zero_width`` (x_t is, or nearly is, the prior draw) and the rows ``moved``
+    ``[M]`` (long) onto the sampler's own path."""
+    free = t <= zero_width
+    free[moved] = True
+    return free
+
+
 def own_estimate_path(path: PathSample, estimate: OneStepEstimate, fraction: float, zero_width: float = 0.0,
-                      generator: Optional[torch.Generator] = None) -> PathSample:
+                      generator: Optional[torch.Generator] = None, rows: Optional[Tensor] = None) -> PathSample:
     """``path`` (a :class:`PathSample` of ``[B, K, *S]`` tensors) with ``x_t = (1 - t) x0 + t x̂1`` for the rows
-    :func:`own_estimate_rows` picks, ``x̂1 = estimate(rows)`` taken without gradient; every other field (x0, x1,
-    t, the target velocity) and every other row unchanged. ``fraction = 0`` returns ``path`` itself and never
-    calls ``estimate``."""
+    :func:`own_estimate_rows` picks (or the given ``rows [M]``, long), ``x̂1 = estimate(rows)`` taken without
+    gradient; every other field (x0, x1, t, the target velocity) and every other row unchanged. ``fraction = 0``
+    returns ``path`` itself and never calls ``estimate``."""
     if fraction == 0:
         return path
-    rows = own_estimate_rows(path.t, fraction, zero_width, generator)
+    if rows is None:
+        rows = own_estimate_rows(path.t, fraction, zero_width, generator)
     if rows.numel() == 0:
         return path
     with torch.no_grad():

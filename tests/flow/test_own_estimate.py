@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from medflowseg_nn.config import FlowMatchingConfig
-from medflowseg_nn.flow.own_estimate import one_step_estimate, own_estimate_path, own_estimate_rows
+from medflowseg_nn.flow.own_estimate import label_free, one_step_estimate, own_estimate_path, own_estimate_rows
 from medflowseg_nn.flow.path import LinearPath
 
 
@@ -42,6 +42,18 @@ def test_picked_rows_lie_between_the_prior_and_the_estimate(spatial):
 def test_fraction_zero_is_the_plain_path_and_never_calls_the_estimate():
     path = draw()
     assert own_estimate_path(path, lambda rows: pytest.fail("called"), fraction=0.0) is path
+
+
+def test_given_rows_are_the_ones_moved_and_label_free_marks_them_and_t0():
+    path = draw()
+    moved = own_estimate_path(path, lambda rows: torch.zeros(rows.numel(), 3, 4, 5), fraction=1.0,
+                              rows=torch.tensor([3]))
+    assert torch.equal(moved.x_t[3], (1 - path.t[3]) * path.x0[3])
+    keep = [0, 1, 2, 4, 5]
+    assert torch.equal(moved.x_t[keep], path.x_t[keep])
+    # t = [0, .2, 0, .5, .9, .7]: label-free = the t = 0 rows and the moved one; zero_width widens "t = 0"
+    assert label_free(path.t, torch.tensor([3])).tolist() == [True, False, True, True, False, False]
+    assert label_free(path.t, torch.tensor([], dtype=torch.long), 0.2).tolist() == [True, True, True] + [False] * 3
 
 
 def test_rows_share_and_zero_width():

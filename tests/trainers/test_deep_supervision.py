@@ -16,8 +16,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from medflowseg_nn.config import FlowMatchingConfig
 from medflowseg_nn.model import build_vector_field
 from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer
-from medflowseg_nn.trainers.variants import (MedFlowSegTrainer_deepSupervision,
-                                              MedFlowSegTrainer_noDeepSupervision)
+from medflowseg_nn.trainers.variants import (MedFlowSegTrainer_auxOwnEstimate, MedFlowSegTrainer_deepSupervision,
+                                              MedFlowSegTrainer_noDeepSupervision, MedFlowSegTrainer_labelPath)
 from tests.conftest import plan_synthetic_dataset
 
 CONFIG = "3d_fullres"
@@ -103,7 +103,7 @@ def test_train_step_with_list_targets_and_aux_loss_at_t0_only(planned):
         trainer.time_sampler = Fixed(0.5)
         later = trainer._flow_loss(batch["data"], target)
     assert at_zero["aux"] > 0 and torch.isfinite(at_zero["loss"])
-    assert later["aux"] == 0  # t > 0: x_t shows the label, the heads are not trained there
+    assert later["aux"] == 0  # t > 0: by default the heads are trained at t = 0 only
     assert at_zero["loss"] == pytest.approx((at_zero["mse"] + at_zero["seg"] + at_zero["aux"]).item(), rel=1e-5)
 
     # DDP (find_unused_parameters=False) needs a gradient for every parameter, also the lowest head whose weight
@@ -120,6 +120,29 @@ def test_train_step_with_list_targets_and_aux_loss_at_t0_only(planned):
     trainer.on_validation_epoch_start()
     val = trainer.validation_step(next(val_loader))
     assert np.isfinite(val["loss"]) and val["tp_hard"].shape == (NUM_CLASSES - 1,)
+
+
+class FixedTime:
+    def __init__(self, value: float):
+        self.value = value
+
+    def sample(self, batch_size, device="cpu", generator=None):
+        return torch.full((batch_size,), self.value, device=device)
+
+
+def test_aux_on_own_estimate_trains_the_heads_on_the_own_path_samples_too(planned):
+    own = make_trainer(planned, MedFlowSegTrainer_auxOwnEstimate)
+    assert own.flow_config.aux_on_own_estimate and own.flow_config.own_estimate_fraction == 1.0
+    batch = next(own.get_dataloaders()[0])
+    own.time_sampler = FixedTime(0.5)  # every sample at t > 0, all of them moved onto the own path
+    with torch.no_grad():
+        assert own._flow_loss(batch["data"], batch["target"])["aux"] > 0
+    # on the label's path (nothing moved) the t > 0 samples still show the label: no head is trained there
+    label_path = make_trainer(planned, MedFlowSegTrainer_labelPath)
+    label_path.flow_config = label_path.flow_config.replace(aux_on_own_estimate=True)
+    label_path.time_sampler = FixedTime(0.5)
+    with torch.no_grad():
+        assert label_path._flow_loss(batch["data"], batch["target"])["aux"] == 0
 
 
 def test_ds_trained_state_dict_loads_strictly_into_the_inference_network(planned):
