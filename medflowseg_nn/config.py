@@ -27,7 +27,8 @@ class NetworkOptions:
     the one-step estimate at t = 0 (``MedFlowSegTrainer``); the heads are kept (unused) at inference. On by
     default since 2026-12-02 (bench_value: one-step Dice 0.290 → 0.378, ROI ECE 0.128 → 0.098, 2 seeds); a
     ``network`` block written before the option existed (no ``deep_supervision`` key) means off, so models and
-    plans made before keep their meaning.
+    plans made before keep their meaning. ``time_scaled_x_t``: the network sees ``t · x_t`` (off; a block without
+    the key means off), see :mod:`medflowseg_nn.networks.vector_field_unet`.
     """
 
     use_dbsa: bool = True
@@ -38,6 +39,7 @@ class NetworkOptions:
     cond_features_divisor: int = 4
     faa_num_bands: int = 8
     deep_supervision: bool = True
+    time_scaled_x_t: bool = False
 
     def resolved(self, n_stages: int) -> "NetworkOptions":
         """The same options with the default placements written out for a network of ``n_stages`` stages, so
@@ -50,7 +52,8 @@ class NetworkOptions:
         return {"dbsa_stages": self.dbsa_stages if self.use_dbsa else [],
                 "faa_stages": self.faa_stages if self.use_faa else [],
                 "time_embed_dim": self.time_embed_dim, "cond_features_divisor": self.cond_features_divisor,
-                "faa_num_bands": self.faa_num_bands, "deep_supervision": self.deep_supervision}
+                "faa_num_bands": self.faa_num_bands, "deep_supervision": self.deep_supervision,
+                "time_scaled_x_t": self.time_scaled_x_t}
 
 
 @dataclass(frozen=True)

@@ -116,3 +116,9 @@ class MedFlowSegTrainer_auxOwnEstimate(MedFlowSegTrainer):
     """Deep-supervision heads trained on every label-free sample: the t = 0 ones and those on the sampler's own
     path (``aux_on_own_estimate``), twice the auxiliary signal of the default at own-estimate fraction 1."""
     flow_overrides = {"aux_on_own_estimate": True}
+
+
+class MedFlowSegTrainer_timeScaledInput(MedFlowSegTrainer):
+    """The network sees ``t · x_t`` (``time_scaled_x_t``): at t = 0, the one-step prediction, the prior noise no
+    longer enters the first convolution, so that evaluation has nnU-Net's input (the image alone)."""
+    network_overrides = {"time_scaled_x_t": True}

@@ -1,0 +1,47 @@
+"""``time_scaled_x_t``: the field sees ``t · x_t``, closed form against the plain field with the same weights (2D,
+3D; the plain and the residual-encoder field), also through the cached first-conv projection of x_t."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from medflowseg_nn.networks.residual_vector_field_unet import ResidualEncoderVectorFieldUNet
+from medflowseg_nn.networks.vector_field_unet import VectorFieldUNet
+
+
+def pair(kind: str, dim: int) -> tuple[VectorFieldUNet, VectorFieldUNet]:
+    conv, norm = (nn.Conv2d, nn.InstanceNorm2d) if dim == 2 else (nn.Conv3d, nn.InstanceNorm3d)
+    common = dict(n_stages=3, features_per_stage=[8, 16, 32], conv_op=conv, kernel_sizes=[[3] * dim] * 3,
+                  strides=[[1] * dim] + [[2] * dim] * 2, n_conv_per_stage_decoder=[1, 1], conv_bias=True,
+                  norm_op=norm, norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
+                  nonlin_kwargs={"inplace": True}, time_embed_dim=16)
+    cls, blocks = ((ResidualEncoderVectorFieldUNet, {"n_blocks_per_stage": [1, 1, 1]}) if kind == "residual"
+                   else (VectorFieldUNet, {"n_conv_per_stage": [1, 1, 1]}))
+    plain, scaled = cls(2, 3, **blocks, **common), cls(2, 3, **blocks, **common, time_scaled_x_t=True)
+    with torch.no_grad():  # zero-initialised projections perturbed, so every branch matters
+        for p in plain.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(std=0.05)
+    scaled.load_state_dict(plain.state_dict())  # no new parameters: the same state dict loads strictly
+    return plain.eval(), scaled.eval()
+
+
+@pytest.mark.parametrize("kind", ["plain", "residual"])
+@pytest.mark.parametrize("dim", [2, 3])
+def test_the_scaled_field_is_the_plain_field_on_t_times_x_t(dim, kind):
+    plain, scaled = pair(kind, dim)
+    spatial = (16, 20) if dim == 2 else (8, 12, 8)
+    gen = torch.Generator().manual_seed(1)
+    image, x_t = torch.randn(3, 2, *spatial, generator=gen), torch.randn(3, 3, *spatial, generator=gen)
+    t = torch.tensor([0.0, 0.3, 0.8])
+    with torch.no_grad():
+        out = scaled(image, x_t, t)
+        expected = plain(image, x_t * t.view(-1, *[1] * dim, 1).movedim(-1, 1), t)
+        assert torch.allclose(out, expected, atol=1e-5)
+        # t = 0: the output does not depend on the prior draw (the one-step prediction sees the image alone)
+        assert torch.allclose(out[:1], scaled(image[:1], torch.randn_like(x_t[:1]), t[:1]), atol=1e-5)
+        assert not torch.allclose(out[1:], scaled(image[1:], torch.randn_like(x_t[1:]), t[1:]), atol=1e-3)
+        # the cached projection of x_t (unscaled, as samplers compute it) is scaled the same way
+        via_projection = scaled(image, x_t, t, x_t_projection=scaled.x_t_projection(x_t))
+        assert torch.allclose(via_projection, out, atol=1e-5)
