@@ -27,8 +27,10 @@ class NetworkOptions:
     the one-step estimate at t = 0 (``MedFlowSegTrainer``); the heads are kept (unused) at inference. On by
     default since 2026-12-02 (bench_value: one-step Dice 0.290 → 0.378, ROI ECE 0.128 → 0.098, 2 seeds); a
     ``network`` block written before the option existed (no ``deep_supervision`` key) means off, so models and
-    plans made before keep their meaning. ``time_scaled_x_t``: the network sees ``t · x_t`` (off; a block without
-    the key means off), see :mod:`medflowseg_nn.networks.vector_field_unet`.
+    plans made before keep their meaning. ``time_scaled_x_t``: the network sees ``t · x_t``, so its t = 0
+    evaluation (the one-step prediction) sees the image alone (:mod:`medflowseg_nn.networks.vector_field_unet`);
+    on by default since 2026-12-03 (2d CPU protocol, ``benchmarks/RESULTS.md``), a block written before (no key)
+    means off.
     """
 
     use_dbsa: bool = True
@@ -39,7 +41,7 @@ class NetworkOptions:
     cond_features_divisor: int = 4
     faa_num_bands: int = 8
     deep_supervision: bool = True
-    time_scaled_x_t: bool = False
+    time_scaled_x_t: bool = True
 
     def resolved(self, n_stages: int) -> "NetworkOptions":
         """The same options with the default placements written out for a network of ``n_stages`` stages, so
@@ -129,8 +131,9 @@ class FlowMatchingConfig:
             raise ValueError(f"unknown keys in flow_matching.network: {sorted(set(net) - net_names)}")
         if net:  # a network block written before the option existed meant "off" (see NetworkOptions)
             net.setdefault("deep_supervision", False)
-        if d or net:  # so did a block written before own-estimate training became the default
+        if d or net:  # so did a block written before own-estimate training / the time-scaled input were defaults
             d.setdefault("own_estimate_fraction", 0.0)
+            net.setdefault("time_scaled_x_t", False)
         return cls(network=NetworkOptions(**net), **d)
 
     @classmethod

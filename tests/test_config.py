@@ -38,3 +38,14 @@ def test_resolved_writes_out_default_placements_only():
     explicit = net.__class__(dbsa_stages=[1, 2], faa_stages=[], use_faa=False).resolved(5)
     assert (explicit.dbsa_stages, explicit.faa_stages, explicit.network_kwargs()["faa_stages"]) == ([1, 2], [], [])
     assert FlowMatchingConfig.from_dict(FlowMatchingConfig(network=r).to_dict()).network == r
+
+
+def test_time_scaled_input_is_the_default_and_blocks_written_before_keep_the_plain_input():
+    assert FlowMatchingConfig().network.time_scaled_x_t  # the default since 2026-12-03
+    assert FlowMatchingConfig.from_dict(None).network.time_scaled_x_t  # plans without a block: the default
+    fresh = FlowMatchingConfig().to_dict()
+    assert FlowMatchingConfig.from_dict(fresh).network.time_scaled_x_t
+    old = {**fresh, "network": {k: v for k, v in fresh["network"].items() if k != "time_scaled_x_t"}}
+    assert not FlowMatchingConfig.from_dict(old).network.time_scaled_x_t
+    assert not FlowMatchingConfig.from_dict({"steps": 2}).network.time_scaled_x_t
+    assert FlowMatchingConfig().network.network_kwargs()["time_scaled_x_t"]

@@ -120,5 +120,12 @@ class MedFlowSegTrainer_auxOwnEstimate(MedFlowSegTrainer):
 
 class MedFlowSegTrainer_timeScaledInput(MedFlowSegTrainer):
     """The network sees ``t · x_t`` (``time_scaled_x_t``): at t = 0, the one-step prediction, the prior noise no
-    longer enters the first convolution, so that evaluation has nnU-Net's input (the image alone)."""
+    longer enters the first convolution, so that evaluation has nnU-Net's input (the image alone). The default
+    since 2026-12-03; kept by name for the result folders trained with it and for plans planned before."""
     network_overrides = {"time_scaled_x_t": True}
+
+
+class MedFlowSegTrainer_plainInput(MedFlowSegTrainer):
+    """The network sees x_t itself (the default before 2026-12-03): at t = 0 its input holds the prior noise
+    beside the image, so one-step samples of different priors differ (a little)."""
+    network_overrides = {"time_scaled_x_t": False}

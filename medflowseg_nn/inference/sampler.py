@@ -21,7 +21,9 @@ well, which the sliding window stitches into the sample-disagreement map
 
 One Euler step from t = 0 sees only the seeded prior as x_t, so the first convolution's x_t part is computed once
 per patch shape and reused for every patch (:meth:`FlowSegmenter.prior_projection`; the field's split first
-convolution, same output up to float rounding).
+convolution, same output up to float rounding). A field with the time-scaled input (``time_scaled_x_t``, the
+default since 2026-12-03) ignores the prior at t = 0: one Euler step then runs once for all K samples
+(:meth:`FlowSegmenter.prior_free_one_step`), and sample diversity needs two or more steps.
 
 Regions (``multilabel=True``): the outputs are per-region sigmoid logits (log-odds) instead of log-probabilities,
 what nnU-Net's export expects for region models; the sample average is ``logit(mean_k sigmoid(l_k))`` per
@@ -29,6 +31,7 @@ region (:func:`average_region_logits`).
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
@@ -41,6 +44,8 @@ from medflowseg_nn.flow.label_space import target_to_logits
 from medflowseg_nn.flow.loss import interpret_output
 from medflowseg_nn.flow.solver import SolverConfig, integrate, sample_prior
 from medflowseg_nn.networks.vector_field_unet import repeat_batch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,9 @@ class FlowSegmenter(nn.Module):
         self.multilabel = multilabel
         self._prior_cache: dict[tuple, Tensor] = {}
         self._projection_cache: dict[tuple, Tensor] = {}
+        if num_samples > 1 and self.prior_free_one_step():
+            logger.warning("%d one-step samples of a field with the time-scaled input are identical (computed "
+                           "once): sample disagreement needs steps >= 2", num_samples)
 
     def prior(self, batch: int, spatial: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
         """``[num_samples * batch, C, *S]`` seeded prior (sample-major: rows ``k*batch .. (k+1)*batch-1`` hold
@@ -151,14 +159,23 @@ class FlowSegmenter(nn.Module):
         batch, spatial = image.shape[0], tuple(image.shape[2:])
         x0 = self.prior(batch, spatial, image.device, image.dtype)
         one_step = self.solver.steps == 1 and self.solver.method == "euler"
+        k = 1 if self.prior_free_one_step() else self.num_samples
+        x0 = x0[:k * batch]
         projection = self.prior_projection(x0) if one_step else None
-        chunk = self.chunk_size(image.device)
+        chunk = min(self.chunk_size(image.device), k)
         parts = []
-        for start in range(0, self.num_samples, chunk):
-            rows = slice(start * batch, min(start + chunk, self.num_samples) * batch)
+        for start in range(0, k, chunk):
+            rows = slice(start * batch, min(start + chunk, k) * batch)
             parts.append(self._samples(image, x0[rows], None if projection is None else projection[rows], one_step))
         log_p = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
-        return log_p.reshape(self.num_samples, batch, *log_p.shape[1:])
+        log_p = log_p.reshape(k, batch, *log_p.shape[1:])
+        return log_p.expand(self.num_samples, *log_p.shape[1:]) if k < self.num_samples else log_p
+
+    def prior_free_one_step(self) -> bool:
+        """One Euler step of a field that sees ``t · x_t`` (``time_scaled_x_t``): at t = 0 its output does not
+        depend on the prior draw, so all K samples are the same and one network evaluation serves them all."""
+        one_step = self.solver.steps == 1 and self.solver.method == "euler"
+        return one_step and bool(getattr(self.field, "time_scaled_x_t", False))
 
     def _samples(self, image: Tensor, x0: Tensor, projection: Optional[Tensor], one_step: bool) -> Tensor:
         """Log-probabilities ``[n * B, C, *S]`` of the n samples whose priors are ``x0 [n * B, C, *S]``."""

@@ -58,6 +58,8 @@ def env(tmp_path_factory):
         config["patch_size"] = PATCH
         config["architecture"]["arch_kwargs"].update(features_per_stage=[4, 8, 16], n_conv_per_stage=[1, 1, 1],
                                                      n_conv_per_stage_decoder=[1, 1])
+        # the plain x_t input: these tests stitch K one-step samples, which differ only when the field sees x0
+        plans["flow_matching"]["network"]["time_scaled_x_t"] = False
         model = root / "model"
         (model / "fold_0").mkdir(parents=True)
         (model / "plans.json").write_text(json.dumps(plans))

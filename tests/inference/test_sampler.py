@@ -201,3 +201,25 @@ def test_a_sharing_field_gets_each_image_once_for_k_samples(image, solver):
     first_calls = batches[: len(batches) // 2]
     assert first_calls and all(b == (2, 8) for b in first_calls)  # 2 images, 4 x 2 x_t
     assert torch.allclose(shared.sample_log_probabilities, repeated.sample_log_probabilities, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_time_scaled_field_runs_one_step_once_for_all_k_samples(image, caplog):
+    """With ``time_scaled_x_t`` the t = 0 output ignores the prior: K one-step samples are one evaluation, the
+    same as K = 1; with two steps the samples differ again (x_t at t > 0 carries the prior)."""
+    scaled = tiny_field()
+    scaled.time_scaled_x_t = True
+    counting = CountingField(scaled)
+    counting.time_scaled_x_t = True  # what the sampler reads from the field it wraps
+    with caplog.at_level("WARNING", logger="medflowseg_nn.inference.sampler"):
+        seg = FlowSegmenter(counting, 3, "x1", SolverConfig(), seed=0, num_samples=4)
+    assert "identical" in caplog.text
+    out = seg.sample(image)
+    assert counting.batches == [2] and out.sample_log_probabilities.shape == (4, 2, 3, *SPATIAL)
+    one = FlowSegmenter(scaled, 3, "x1", SolverConfig(), seed=5, num_samples=1).sample(image)
+    assert torch.allclose(out.sample_log_probabilities, one.sample_log_probabilities.expand(4, -1, -1, -1, -1, -1),
+                          atol=1e-5)
+    assert torch.allclose(out.mean_log_probabilities, one.mean_log_probabilities, atol=1e-5)
+    two = FlowSegmenter(scaled, 3, "x1", SolverConfig(2, "euler", euler_last_step=True), seed=0,
+                        num_samples=2).sample(image).sample_log_probabilities
+    assert not torch.allclose(two[0], two[1], atol=1e-4)
