@@ -8,10 +8,11 @@ one-step inference from a seeded prior, plus a multi-step Dice on the first batc
 predictor (:class:`MedFlowSegPredictor`), then a temperature fitted on its probabilities (``fold_X/temperature.json``).
 
 Deep supervision follows the plans (``flow_matching.network.deep_supervision``, on by default): the auxiliary heads
-get nnU-Net's Dice + CE and weights on the t = 0 samples (:meth:`MedFlowSegTrainer._flow_loss`). Label spaces follow nnU-Net's label manager: plain labels (softmax), **regions** (``regions_class_order`` in
-dataset.json: R overlapping binary channels, sigmoid per channel, Dice + BCE, pseudo Dice of ``sigmoid > 0.5``
-per region) and the **ignore label** (``"ignore"`` in dataset.json's labels: ignored voxels add nothing to any
-loss term, their x_t is the prior draw x0 at every t, and the pseudo Dice skips them), also combined
+get nnU-Net's Dice + CE and weights on the t = 0 samples (:meth:`MedFlowSegTrainer._flow_loss`). Label spaces
+follow nnU-Net's label manager: plain labels (softmax), **regions** (``regions_class_order`` in dataset.json: R
+overlapping binary channels, sigmoid per channel, Dice + BCE, pseudo Dice of ``sigmoid > 0.5`` per region) and
+the **ignore label** (``"ignore"`` in dataset.json's labels: ignored voxels add nothing to any loss term, their
+x_t is the prior draw x0 at every t, and the pseudo Dice skips them), also combined
 (:mod:`medflowseg_nn.flow.label_space`).
 """
 from __future__ import annotations

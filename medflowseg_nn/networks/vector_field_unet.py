@@ -26,11 +26,11 @@ once and passes it to ``forward``, which then convolves only the image channels 
 is ~5x cheaper than the 4-channel one of a 3-class model). Same result up to float rounding (two sums instead of
 one; ~1e-6 relative).
 
-Time-scaled x_t input (``time_scaled_x_t=True``, off by default): the network sees ``t · x_t``. At t = 0 x_t is
-pure prior noise that carries nothing about x1, yet in the plain input it fills K of the first convolution's
-``C_img + K`` channels, which the network has to learn to ignore; scaled, the t = 0 evaluation (the one-step
-prediction) sees the image alone — nnU-Net's input — and its output no longer depends on the prior draw, while
-at t > 0 the input keeps its signal-to-noise ratio (t is known from the time embedding).
+Time-scaled x_t input (``time_scaled_x_t=True``; off for this class, on in new plans): the network sees
+``t · x_t``. At t = 0 x_t is pure prior noise that carries nothing about x1, yet in the plain input it fills K of
+the first convolution's ``C_img + K`` channels, which the network has to learn to ignore; scaled, the t = 0
+evaluation (the one-step prediction) sees the image alone — nnU-Net's input — and its output no longer depends on
+the prior draw, while at t > 0 the input keeps its signal-to-noise ratio (t is known from the time embedding).
 """
 from __future__ import annotations
 
