@@ -211,7 +211,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logger.info("temperatures %s", temps)
     ens_id = f"nnunet_ensemble_{len(args.ensemble_folds)}folds"
     scores = {rid: RunScores(labels, args.roi_dilation) for rid, (row, _) in runs.items() if row}
-    scores[ens_id] = RunScores(labels, args.roi_dilation)
+    if len(args.ensemble_folds) > 1:  # an "ensemble" of one fold is the single model: no row
+        scores[ens_id] = RunScores(labels, args.roi_dilation)
     scores.update({f"{rid}+T": RunScores(labels, args.roi_dilation) for rid in temps})
     pred_root = None if args.no_save else args.work / "value_predictions"
     member_ids = [f"nnunet_single_s{s0}" if f == 0 else f"nnunet_f{f}_s{s0}" for f in args.ensemble_folds]
@@ -228,8 +229,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 logger.info("%s [%d/%d] %s: Dice %.3f, %.2f s", case, i + 1, len(test), rid, d, sec)
             if rid in temps:
                 scores[f"{rid}+T"].add(case, apply_temperature(probs, temps[rid]), ref, spacing, sec, None, img)
-        scores[ens_id].add(case, np.mean(member_probs, axis=0), ref, spacing, member_s,
-                           pred_root and pred_root / ens_id, img)
+        if ens_id in scores:
+            scores[ens_id].add(case, np.mean(member_probs, axis=0), ref, spacing, member_s,
+                               pred_root and pred_root / ens_id, img)
     results: dict[str, list[dict]] = {}
     rows_of = {rid: row for rid, (row, _) in runs.items() if row}
     rows_of[ens_id] = f"nnU-Net ensemble ({len(args.ensemble_folds)} folds, softmax mean)"
