@@ -158,7 +158,7 @@ class FlowSegmenter(nn.Module):
         """
         batch, spatial = image.shape[0], tuple(image.shape[2:])
         x0 = self.prior(batch, spatial, image.device, image.dtype)
-        one_step = self.solver.steps == 1 and self.solver.method == "euler"
+        one_step = self.one_step
         k = 1 if self.prior_free_one_step() else self.num_samples
         x0 = x0[:k * batch]
         projection = self.prior_projection(x0) if one_step else None
@@ -171,11 +171,15 @@ class FlowSegmenter(nn.Module):
         log_p = log_p.reshape(k, batch, *log_p.shape[1:])
         return log_p.expand(self.num_samples, *log_p.shape[1:]) if k < self.num_samples else log_p
 
+    @property
+    def one_step(self) -> bool:
+        """The solver is one Euler step from t = 0 (one network evaluation at the prior)."""
+        return self.solver.steps == 1 and self.solver.method == "euler"
+
     def prior_free_one_step(self) -> bool:
         """One Euler step of a field that sees ``t · x_t`` (``time_scaled_x_t``): at t = 0 its output does not
         depend on the prior draw, so all K samples are the same and one network evaluation serves them all."""
-        one_step = self.solver.steps == 1 and self.solver.method == "euler"
-        return one_step and bool(getattr(self.field, "time_scaled_x_t", False))
+        return self.one_step and bool(getattr(self.field, "time_scaled_x_t", False))
 
     def _samples(self, image: Tensor, x0: Tensor, projection: Optional[Tensor], one_step: bool) -> Tensor:
         """Log-probabilities ``[n * B, C, *S]`` of the n samples whose priors are ``x0 [n * B, C, *S]``."""

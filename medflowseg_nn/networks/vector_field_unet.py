@@ -228,9 +228,10 @@ class VectorFieldUNet(nn.Module):
         reps = x_t.shape[0] // image.shape[0]
         temb = self.time_embed(t)
         if self.time_scaled_x_t:  # conv(t · x_t) = t · conv(x_t): the cached projection scales the same way
-            x_t = x_t * t.view(-1, *[1] * (x_t.ndim - 1)).to(x_t.dtype)
+            scale = t.view(-1, *[1] * (x_t.ndim - 1))  # x_t and its projection have the same rank
+            x_t = x_t * scale.to(x_t.dtype)
             if x_t_projection is not None:
-                x_t_projection = x_t_projection * t.view(-1, *[1] * (x_t_projection.ndim - 1)).to(x_t_projection.dtype)
+                x_t_projection = x_t_projection * scale.to(x_t_projection.dtype)
         x = self.first_stage(image, x_t, x_t_projection)
         cond = image
         skips = []
