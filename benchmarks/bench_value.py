@@ -51,9 +51,13 @@ def write_splits(folder: Path, cases: list[str], n_test: int) -> tuple[list[str]
     test, pool = cases[-n_test:], cases[:-n_test]
     splits = generate_crossval_split(pool, seed=12345, n_splits=5)
     path = folder / "splits_final.json"
-    if path.is_file() and json.loads(path.read_text()) != splits:
+    if path.is_file() and json.loads(path.read_text()) == splits:
+        return test, splits  # value_models.py processes started side by side: the first one wrote it
+    if path.is_file():
         logger.warning("overwriting %s with the held-out-test splits", path)
-    path.write_text(json.dumps(splits, indent=1))
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # rename: a reader never sees a half-written file
+    tmp.write_text(json.dumps(splits, indent=1))
+    os.replace(tmp, path)
     return test, splits
 
 
