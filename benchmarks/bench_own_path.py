@@ -31,7 +31,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_value as BV  # noqa: E402
 import common as C  # noqa: E402
-from value_models import budget_tag, train_or_load  # noqa: E402
+from value_models import budget_tag, load_bench_plans, train_or_load  # noqa: E402
 from value_report import RunScores  # noqa: E402
 
 logger = logging.getLogger("benchmarks.own_path")
@@ -94,8 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.budget_tag = budget_tag(args)
     name = C.resolve_dataset_name(args.d)
     folder = C.ensure_planned(name, [args.configuration], preprocess=True)
-    plans, dataset_json = C.load_plans(name)
-    plans["configurations"][args.configuration]["batch_size"] = args.batch_size
+    plans, dataset_json = load_bench_plans(name, args)
     test, _ = BV.write_splits(folder, C.case_ids(name), args.n_test)
     test = test[: args.max_test_cases]
     raw, ending, n_ch = C.shared_data_dir() / name, dataset_json["file_ending"], len(dataset_json["channel_names"])

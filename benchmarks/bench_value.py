@@ -38,7 +38,7 @@ if __package__ in (None, ""):
     import sys
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
-from value_models import budget_tag, train_or_load  # noqa: E402
+from value_models import budget_tag, load_bench_plans, train_or_load  # noqa: E402
 from value_report import RunScores, tables  # noqa: E402
 
 logger = logging.getLogger("benchmarks.value")
@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--ensemble_folds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--ours_trainer", default="MedFlowSegTrainer", help="trainer class name")
+    p.add_argument("--flow", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="set keys of the plans' flow_matching block for our models (dots for the network block: "
+                        "network.time_scaled_x_t=true); they become part of our models' cache names")
     p.add_argument("--n_test", type=int, default=40, help="held-out test cases: the last N case ids, sorted")
     p.add_argument("--max_test_cases", type=int, default=None, help="predict only the first K test cases (smoke)")
     p.add_argument("--select_cases", type=int, default=8, help="fold-0 validation cases that pick K=4's setting")
@@ -163,8 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t_start = time.perf_counter()
     name = C.resolve_dataset_name(args.d)
     folder = C.ensure_planned(name, [args.configuration], preprocess=True)
-    plans, dataset_json = C.load_plans(name)
-    plans["configurations"][args.configuration]["batch_size"] = args.batch_size
+    plans, dataset_json = load_bench_plans(name, args)
     info = C.machine_info()
     test, splits = write_splits(folder, C.case_ids(name), args.n_test)
     test = test[: args.max_test_cases]
@@ -248,7 +250,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     seg_table, cal_table = tables(results)
     total_s = time.perf_counter() - t_start
     budget = (f"{args.epochs} epochs x {args.iterations_per_epoch} iterations, batch {args.batch_size}, "
-              f"seeds {args.seeds}, ours = {args.ours_trainer}")
+              f"seeds {args.seeds}, ours = {args.ours_trainer}{''.join(' ' + f for f in args.flow)}")
     head = (f"{name} {args.configuration}, {len(test)} held-out test cases ({test[0]} .. {test[-1]}), {budget}; "
             f"TTA off; K=4 setting picked on {len(sel_cases)} fold-0 validation cases: {args.selection['best']} "
             f"({', '.join(f'{k} {v:.3f}' for k, v in args.selection['dice'].items())}); "

@@ -12,6 +12,7 @@ model with bench_value's own flags, then ``bench_value.py`` with the same flags 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import time
@@ -47,10 +48,54 @@ def budget_tag(args: argparse.Namespace) -> str:
     return tag if args.configuration == "3d_fullres" else f"{tag}_{args.configuration}"
 
 
+def parse_flow_overrides(items: Sequence[str]) -> dict:
+    """``["network.time_scaled_x_t=true", "aux_on_own_estimate=true"]`` → the nested dict they set in the plans'
+    ``flow_matching`` block (values are JSON: ``true``, ``0.5``, ``"uniform"``; a bare word is a string)."""
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--flow takes KEY=VALUE, got {item!r}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        *parents, leaf = key.split(".")
+        node = out
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = parsed
+    return out
+
+
+def load_bench_plans(name: str, args: argparse.Namespace) -> tuple[dict, dict]:
+    """The plans every benchmark model trains on: the dataset's MedFlowSegPlans with ``batch_size`` set to
+    ``--batch_size`` and the ``--flow`` overrides written into the ``flow_matching`` block (checked by
+    ``FlowMatchingConfig``: an unknown key stops here, before any training). nnU-Net's models ignore the block."""
+    from medflowseg_nn.config import PLANS_KEY, FlowMatchingConfig
+    plans, dataset_json = C.load_plans(name)
+    plans["configurations"][args.configuration]["batch_size"] = args.batch_size
+    overrides = parse_flow_overrides(getattr(args, "flow", None) or [])
+    if overrides:
+        block = plans.setdefault(PLANS_KEY, {})
+        block.setdefault("network", {}).update(overrides.pop("network", {}))
+        block.update(overrides)
+        FlowMatchingConfig.from_plans(plans)
+    return plans, dataset_json
+
+
+def model_tag(method: str, fold: int, seed: int, args: argparse.Namespace) -> str:
+    """Cache name of one model: the trainer (ours: plus the ``--flow`` overrides), fold, seed and budget."""
+    if method == "nnunet":
+        return f"nnunet_f{fold}_s{seed}_{args.budget_tag}"
+    flow = "".join(f"_{item}" for item in sorted(getattr(args, "flow", None) or []))
+    return f"{args.ours_trainer}{flow}_f{fold}_s{seed}_{args.budget_tag}".replace("/", "-").replace(" ", "")
+
+
 def train_or_load(method: str, fold: int, seed: int, args: argparse.Namespace, plans: dict, dataset_json: dict):
     """Trained trainer (network in memory) and training seconds; cached as a state dict per (method, fold, seed)."""
     import torch
-    tag = f"{method if method == 'nnunet' else args.ours_trainer}_f{fold}_s{seed}_{args.budget_tag}"
+    tag = model_tag(method, fold, seed, args)
     cache = args.work / "value_models" / f"{tag}.pth"
     trainer = get_trainer(method, fold, args, plans, dataset_json)
     trainer.num_epochs, trainer.num_iterations_per_epoch = args.epochs, args.iterations_per_epoch
@@ -89,8 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.budget_tag = budget_tag(args)
     name = C.resolve_dataset_name(args.d)
     folder = C.ensure_planned(name, [args.configuration], preprocess=True)
-    plans, dataset_json = C.load_plans(name)
-    plans["configurations"][args.configuration]["batch_size"] = args.batch_size
+    plans, dataset_json = load_bench_plans(name, args)
     write_splits(folder, C.case_ids(name), args.n_test)
     _, seconds = train_or_load(args.method, args.fold, args.seed, args, plans, dataset_json)
     print(f"{args.method} fold {args.fold} seed {args.seed} ({args.budget_tag}): {seconds:.0f} s of training")
