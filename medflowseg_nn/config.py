@@ -75,7 +75,8 @@ class FlowMatchingConfig:
             moved (one without the key) means 0, and the ``velocity`` parameterisation needs 0.
         aux_on_own_estimate: the deep-supervision heads are trained on every label-free sample — those at t = 0
             and those on the sampler's own path (:func:`~medflowseg_nn.flow.own_estimate.label_free`) — instead
-            of the t = 0 samples only (``False``, the meaning of a block without the key).
+            of the t = 0 samples only (``False``, the meaning of a block without the key). Needs
+            ``own_estimate_fraction`` > 0 (refused otherwise: it would change nothing).
     """
 
     parameterization: str = "x1"
@@ -104,6 +105,10 @@ class FlowMatchingConfig:
         if self.own_estimate_fraction > 0 and self.parameterization != "x1":
             raise ValueError("flow_matching.own_estimate_fraction needs the x1 parameterization (the velocity target "
                              "x1 - x0 does not match an x_t moved onto the model's own estimate)")
+        if self.aux_on_own_estimate and self.own_estimate_fraction == 0:
+            raise ValueError("flow_matching.aux_on_own_estimate needs own_estimate_fraction > 0: with 0 no sample is on "
+                             "the own path and the option would change nothing (a block written before the "
+                             "own-estimate default means 0; set own_estimate_fraction to use it)")
         self.build_time_sampler()
         self.solver_config()
 

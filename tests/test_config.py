@@ -27,6 +27,11 @@ def test_bad_values_are_rejected():
         FlowMatchingConfig.from_dict({"network": {"use_attention": False}})
     with pytest.raises(ValueError):
         FlowMatchingConfig(solver="rk4")
+    # an option that would change nothing: the DS heads on own-path samples without own-path samples, e.g. the
+    # trainer variant on a block written before the own-estimate default (which means fraction 0)
+    with pytest.raises(ValueError, match="aux_on_own_estimate needs own_estimate_fraction > 0"):
+        FlowMatchingConfig.from_dict({"parameterization": "x1"}).replace(aux_on_own_estimate=True)
+    assert FlowMatchingConfig(aux_on_own_estimate=True).own_estimate_fraction == 1.0
 
 
 def test_resolved_writes_out_default_placements_only():

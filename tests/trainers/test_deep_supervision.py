@@ -137,9 +137,11 @@ def test_aux_on_own_estimate_trains_the_heads_on_the_own_path_samples_too(planne
     own.time_sampler = FixedTime(0.5)  # every sample at t > 0, all of them moved onto the own path
     with torch.no_grad():
         assert own._flow_loss(batch["data"], batch["target"])["aux"] > 0
-    # on the label's path (nothing moved) the t > 0 samples still show the label: no head is trained there
+    # without own-estimate training (the label's path, nothing moved) the option would change nothing: refused
     label_path = make_trainer(planned, MedFlowSegTrainer_labelPath)
-    label_path.flow_config = label_path.flow_config.replace(aux_on_own_estimate=True)
+    with pytest.raises(ValueError, match="aux_on_own_estimate needs own_estimate_fraction > 0"):
+        label_path.flow_config.replace(aux_on_own_estimate=True)
+    # and with the option off, the t > 0 samples (which show the label there) train no head
     label_path.time_sampler = FixedTime(0.5)
     with torch.no_grad():
         assert label_path._flow_loss(batch["data"], batch["target"])["aux"] == 0
