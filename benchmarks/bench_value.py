@@ -48,6 +48,7 @@ SINGLE = [("1 step", "euler", 1, 1), ("Euler N=2", "euler", 2, 1), ("Euler N=4",
 
 def write_splits(folder: Path, cases: list[str], n_test: int) -> tuple[list[str], list[dict]]:
     from nnunetv2.utilities.crossval_split import generate_crossval_split
+    from medflowseg_nn.inference.runner import save_json_atomic
     test, pool = cases[-n_test:], cases[:-n_test]
     splits = generate_crossval_split(pool, seed=12345, n_splits=5)
     path = folder / "splits_final.json"
@@ -55,9 +56,7 @@ def write_splits(folder: Path, cases: list[str], n_test: int) -> tuple[list[str]
         return test, splits  # value_models.py processes started side by side: the first one wrote it
     if path.is_file():
         logger.warning("overwriting %s with the held-out-test splits", path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # rename: a reader never sees a half-written file
-    tmp.write_text(json.dumps(splits, indent=1))
-    os.replace(tmp, path)
+    save_json_atomic(splits, str(path))  # rename: a reader never sees a half-written file
     return test, splits
 
 
