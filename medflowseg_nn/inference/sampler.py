@@ -22,8 +22,10 @@ well, which the sliding window stitches into the sample-disagreement map
 One Euler step from t = 0 sees only the seeded prior as x_t, so the first convolution's x_t part is computed once
 per patch shape and reused for every patch (:meth:`FlowSegmenter.prior_projection`; the field's split first
 convolution, same output up to float rounding). A field with the time-scaled input (``time_scaled_x_t``, the
-default since 2026-12-03) ignores the prior at t = 0: one Euler step then runs once for all K samples
-(:meth:`FlowSegmenter.prior_free_one_step`), and sample diversity needs two or more steps.
+default since 2026-12-03) ignores the prior at t = 0, where every solver starts: that evaluation runs once per
+patch for all K samples (:meth:`FlowSegmenter.start_output`, the image alone through the first convolution), so
+K one-step samples are one evaluation (and identical: sample diversity needs two or more steps) and K samples of
+N Euler steps cost ``1 + K·(N − 1)`` evaluations instead of ``K·N``.
 
 Regions (``multilabel=True``): the outputs are per-region sigmoid logits (log-odds) instead of log-probabilities,
 what nnU-Net's export expects for region models; the sample average is ``logit(mean_k sigmoid(l_k))`` per
@@ -129,8 +131,13 @@ class FlowSegmenter(nn.Module):
             self._projection_cache = {key: self.field.x_t_projection(x0)}
         return self._projection_cache[key]
 
-    def velocity(self, image: Tensor, x: Tensor, t: Tensor) -> Tensor:
-        raw = self.field(image, x, t)
+    def velocity(self, image: Tensor, x: Tensor, t: Tensor, start: Optional[Tensor] = None) -> Tensor:
+        """v(x, t | image) ``[n·B, C, *S]`` for ``x [n·B, C, *S]``; ``start``: the field's t = 0 output for one
+        sample (:meth:`start_output`), repeated instead of a network call where every t is 0."""
+        if start is not None and not bool(t.any()):
+            raw = repeat_batch(start, x.shape[0] // start.shape[0])
+        else:
+            raw = self.field(image, x, t)
         return interpret_output(raw, x, t, self.parameterization, self.logit_scale,
                                 multilabel=self.multilabel).velocity
 
@@ -154,48 +161,72 @@ class FlowSegmenter(nn.Module):
 
         The samples run in calls of :meth:`chunk_size` samples (``chunk * B`` rows each). One Euler step with the
         ``x1`` parameterisation is ``log_softmax`` of the raw network output at ``(x0_k, t = 0)`` (regions: the
-        raw output itself, the per-region sigmoid logits).
+        raw output itself, the per-region sigmoid logits). A :meth:`prior_free_start` field is evaluated at t = 0
+        once for all K samples (:meth:`start_output`): one step is then that one evaluation, and N steps cost
+        ``1 + K·(N − 1)`` evaluations (Euler) instead of ``K·N``.
         """
         batch, spatial = image.shape[0], tuple(image.shape[2:])
         x0 = self.prior(batch, spatial, image.device, image.dtype)
-        one_step = self.one_step
-        k = 1 if self.prior_free_one_step() else self.num_samples
-        x0 = x0[:k * batch]
-        projection = self.prior_projection(x0) if one_step else None
-        chunk = min(self.chunk_size(image.device), k)
+        start = self.start_output(image)
+        if start is not None and self.one_step:
+            t0 = torch.zeros(batch, device=image.device, dtype=image.dtype)
+            log_p = self._one_step_log_p(start, x0[:batch], t0)
+            return log_p.unsqueeze(0).expand(self.num_samples, *log_p.shape)
+        projection = self.prior_projection(x0) if self.one_step else None
+        chunk = self.chunk_size(image.device)
         parts = []
-        for start in range(0, k, chunk):
-            rows = slice(start * batch, min(start + chunk, k) * batch)
-            parts.append(self._samples(image, x0[rows], None if projection is None else projection[rows], one_step))
+        for begin in range(0, self.num_samples, chunk):
+            rows = slice(begin * batch, min(begin + chunk, self.num_samples) * batch)
+            parts.append(self._samples(image, x0[rows], None if projection is None else projection[rows], start))
         log_p = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
-        log_p = log_p.reshape(k, batch, *log_p.shape[1:])
-        return log_p.expand(self.num_samples, *log_p.shape[1:]) if k < self.num_samples else log_p
+        return log_p.reshape(self.num_samples, batch, *log_p.shape[1:])
 
     @property
     def one_step(self) -> bool:
         """The solver is one Euler step from t = 0 (one network evaluation at the prior)."""
         return self.solver.steps == 1 and self.solver.method == "euler"
 
-    def prior_free_one_step(self) -> bool:
-        """One Euler step of a field that sees ``t · x_t`` (``time_scaled_x_t``): at t = 0 its output does not
-        depend on the prior draw, so all K samples are the same and one network evaluation serves them all."""
-        return self.one_step and bool(getattr(self.field, "time_scaled_x_t", False))
+    def prior_free_start(self) -> bool:
+        """The field sees ``t · x_t`` (``time_scaled_x_t``): its output at t = 0, where every solver starts, does
+        not depend on the prior draw, so one evaluation serves all K samples."""
+        return bool(getattr(self.field, "time_scaled_x_t", False))
 
-    def _samples(self, image: Tensor, x0: Tensor, projection: Optional[Tensor], one_step: bool) -> Tensor:
-        """Log-probabilities ``[n * B, C, *S]`` of the n samples whose priors are ``x0 [n * B, C, *S]``."""
-        n = x0.shape[0] // image.shape[0]
-        shared = getattr(self.field, "shares_image_across_samples", False)
-        image_k = image if shared else repeat_batch(image, n)
-        if not one_step:
-            x1 = integrate(lambda x, t: self.velocity(image_k, x, t), x0, self.solver)
-            return target_to_logits(x1, multilabel=self.multilabel)
-        t0 = torch.zeros(x0.shape[0], device=image.device, dtype=image.dtype)
-        raw = self.field(image_k, x0, t0) if projection is None else \
-            self.field(image_k, x0, t0, x_t_projection=projection)
+    def prior_free_one_step(self) -> bool:
+        """One Euler step of a :meth:`prior_free_start` field: all K samples are the same."""
+        return self.one_step and self.prior_free_start()
+
+    def start_output(self, image: Tensor) -> Optional[Tensor]:
+        """Raw field output at t = 0 ``[B, C, *S]`` for all K samples of a :meth:`prior_free_start` field, else
+        None. A field that ``accepts_prior_free`` (``VectorFieldUNet``) is called with ``x_t=None`` and convolves
+        the image alone; any other gets the first prior (its output does not depend on it)."""
+        if not self.prior_free_start():
+            return None
+        batch = image.shape[0]
+        t0 = torch.zeros(batch, device=image.device, dtype=image.dtype)
+        if getattr(self.field, "accepts_prior_free", False):
+            return self.field(image, None, t0)
+        return self.field(image, self.prior(batch, tuple(image.shape[2:]), image.device, image.dtype)[:batch], t0)
+
+    def _one_step_log_p(self, raw: Tensor, x0: Tensor, t0: Tensor) -> Tensor:
+        """Log-probabilities ``[n * B, C, *S]`` of one Euler step from ``x0`` given the field's output there."""
         out = interpret_output(raw, x0, t0, self.parameterization, self.logit_scale, multilabel=self.multilabel)
         if self.parameterization != "x1":
             return target_to_logits(out.x1_hat, multilabel=self.multilabel)
         return out.logits.float() if self.multilabel else torch.log_softmax(out.logits.float(), 1)
+
+    def _samples(self, image: Tensor, x0: Tensor, projection: Optional[Tensor], start: Optional[Tensor]) -> Tensor:
+        """Log-probabilities ``[n * B, C, *S]`` of the n samples whose priors are ``x0 [n * B, C, *S]``; ``start``:
+        the field's output at t = 0 for one sample (:meth:`start_output`), reused by every sample, or None."""
+        n = x0.shape[0] // image.shape[0]
+        shared = getattr(self.field, "shares_image_across_samples", False)
+        image_k = image if shared else repeat_batch(image, n)
+        if not self.one_step:
+            x1 = integrate(lambda x, t: self.velocity(image_k, x, t, start), x0, self.solver)
+            return target_to_logits(x1, multilabel=self.multilabel)
+        t0 = torch.zeros(x0.shape[0], device=image.device, dtype=image.dtype)
+        raw = self.field(image_k, x0, t0) if projection is None else \
+            self.field(image_k, x0, t0, x_t_projection=projection)
+        return self._one_step_log_p(raw, x0, t0)
 
     def sample(self, image: Tensor) -> SampledPatch:
         """``image [B, C_img, *S]`` → :class:`SampledPatch` (sample mean and the K samples)."""

@@ -39,7 +39,6 @@ from typing import Optional, Sequence, Type, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.helper import get_matching_convtransp, maybe_convert_scalar_to_list
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
@@ -47,6 +46,7 @@ from torch import Tensor, nn
 
 from medflowseg_nn.networks.dual_branch_spatial_attention import DualBranchSpatialAttention
 from medflowseg_nn.networks.frequency_aware_attention import FrequencyAwareAttention
+from medflowseg_nn.networks.layers import conv_with
 from medflowseg_nn.networks.time_embedding import TimeEmbedding, TimeModulation
 
 logger = logging.getLogger(__name__)
@@ -74,12 +74,6 @@ def repeat_batch(x: Tensor, times: int) -> Tensor:
     return x if times == 1 else x.repeat(times, *([1] * (x.ndim - 1)))
 
 
-def conv_with(conv: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``conv``'s convolution (stride, padding, dilation, groups; zero padding) with another weight and bias."""
-    op = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.ndim]
-    return op(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-
 def _as_list(v: IntOrSeq, n: int) -> list:
     return list(v) if isinstance(v, (list, tuple)) else [v] * n
 
@@ -87,6 +81,8 @@ def _as_list(v: IntOrSeq, n: int) -> list:
 class VectorFieldUNet(nn.Module):
     #: ``forward`` accepts one image batch for N samples' x_t (see there): samplers need not repeat the image
     shares_image_across_samples = True
+    #: ``forward`` takes ``x_t=None`` at t = 0 when ``time_scaled_x_t`` (the prior-free evaluation, see there)
+    accepts_prior_free = True
 
     def __init__(self, input_channels: int, num_classes: int, n_stages: int, features_per_stage: IntOrSeq,
                  conv_op: Type[nn.Module], kernel_sizes: Sequence, strides: Sequence, n_conv_per_stage: IntOrSeq,
@@ -193,24 +189,30 @@ class VectorFieldUNet(nn.Module):
         weight = self.first_stage_parts()[0].conv.weight
         return weight.data_ptr(), weight._version
 
-    def first_stage(self, image: Tensor, x_t: Tensor, x_t_projection: Optional[Tensor]) -> Tensor:
+    def first_stage(self, image: Tensor, x_t: Optional[Tensor], x_t_projection: Optional[Tensor]) -> Tensor:
         """Encoder stage 0 on ``image ⊕ x_t`` (``image`` repeated to x_t's batch); with ``x_t_projection`` only the
-        image channels are convolved, once per image."""
-        reps = x_t.shape[0] // image.shape[0]
-        if x_t_projection is None:
-            return self.encoder[0](torch.cat([repeat_batch(image, reps), x_t.to(image.dtype)], 1))
+        image channels are convolved, once per image; with ``x_t=None`` (the prior-free evaluation, see
+        :meth:`forward`) only the image channels, and nothing is added."""
+        if x_t is not None and x_t_projection is None:
+            return self.encoder[0](torch.cat([repeat_batch(image, x_t.shape[0] // image.shape[0]),
+                                              x_t.to(image.dtype)], 1))
         block, rest = self.first_stage_parts()
         conv = block.conv
-        x = repeat_batch(conv_with(conv, image, conv.weight[:, :self.input_channels], conv.bias), reps) + \
-            x_t_projection
+        x = conv_with(conv, image, conv.weight[:, :self.input_channels], conv.bias)
+        if x_t is not None:
+            x = repeat_batch(x, x_t.shape[0] // image.shape[0]) + x_t_projection
         for module in [block.all_modules[1:], *rest]:
             x = module(x)
         return x
 
-    def forward(self, image: Tensor, x_t: Tensor, t: Tensor,
+    def forward(self, image: Tensor, x_t: Optional[Tensor], t: Tensor,
                 x_t_projection: Optional[Tensor] = None) -> Union[Tensor, list[Tensor]]:
         """``image`` ``[B, C_img, *S]``, ``x_t`` ``[B, K, *S]``, ``t`` ``[B]`` -> raw output ``[B, K, *S]``.
         ``x_t_projection``: :meth:`x_t_projection` of this ``x_t`` (then the first conv sees only the image).
+
+        ``x_t=None``, the prior-free evaluation: only for a field with the time-scaled input at ``t = 0`` (every
+        row), where the input ``t · x_t`` is zero whatever x_t is; the first conv then convolves the image alone
+        (nnU-Net's first conv) and no x_t is drawn, scaled or added. Same output as any x_t at t = 0.
 
         N samples of the same images: ``image`` ``[B, C_img, *S]`` with ``x_t`` ``[N·B, K, *S]`` and ``t`` ``[N·B]``
         (sample-major, rows ``n·B … (n+1)·B − 1`` are sample n) is the forward of the image repeated N times, but
@@ -220,14 +222,16 @@ class VectorFieldUNet(nn.Module):
         With deep supervision on and in training mode: a list of ``n_stages - 1`` tensors, highest resolution
         first, ``[B, K, *S]``, ``[B, K, *S / s_1]``, ``[B, K, *S / (s_1 s_2)]``, ... (``s_i``: stage i's stride),
         the first being the output above; the others are raw logits of the auxiliary heads."""
-        if image.shape[1] != self.input_channels or x_t.shape[1] != self.num_classes:
+        if image.shape[1] != self.input_channels or (x_t is not None and x_t.shape[1] != self.num_classes):
             raise ValueError(f"expected {self.input_channels} image and {self.num_classes} x_t channels, got "
-                             f"{image.shape[1]} and {x_t.shape[1]}")
-        if x_t.shape[0] % image.shape[0]:
+                             f"{image.shape[1]} and {None if x_t is None else x_t.shape[1]}")
+        if x_t is None and not (self.time_scaled_x_t and t.shape[0] == image.shape[0] and not bool(t.any())):
+            raise ValueError("x_t=None (prior-free) needs time_scaled_x_t and t = 0 for every image")
+        if x_t is not None and x_t.shape[0] % image.shape[0]:
             raise ValueError(f"x_t batch {x_t.shape[0]} is not a multiple of the image batch {image.shape[0]}")
-        reps = x_t.shape[0] // image.shape[0]
+        reps = 1 if x_t is None else x_t.shape[0] // image.shape[0]
         temb = self.time_embed(t)
-        if self.time_scaled_x_t:  # conv(t · x_t) = t · conv(x_t): the cached projection scales the same way
+        if self.time_scaled_x_t and x_t is not None:  # conv(t · x_t) = t · conv(x_t): so is the cached projection
             scale = t.view(-1, *[1] * (x_t.ndim - 1))  # x_t and its projection have the same rank
             x_t = x_t * scale.to(x_t.dtype)
             if x_t_projection is not None:

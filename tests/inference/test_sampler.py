@@ -223,3 +223,36 @@ def test_a_time_scaled_field_runs_one_step_once_for_all_k_samples(image, caplog)
     two = FlowSegmenter(scaled, 3, "x1", SolverConfig(2, "euler", euler_last_step=True), seed=0,
                         num_samples=2).sample(image).sample_log_probabilities
     assert not torch.allclose(two[0], two[1], atol=1e-4)
+
+
+class PlainView(nn.Module):
+    """The same field, hidden behind a wrapper that does not say it is time-scaled: the sampler evaluates every
+    sample at every step (the reference for the shared start)."""
+
+    def __init__(self, field: nn.Module):
+        super().__init__()
+        self.field = field
+
+    def forward(self, image, x_t, t):
+        return self.field(image, x_t, t)
+
+
+@pytest.mark.parametrize("solver", [SolverConfig(2, "euler"), SolverConfig(3, "heun", euler_last_step=True)])
+@torch.no_grad()
+def test_k_samples_of_a_time_scaled_field_share_the_t0_evaluation(image, solver):
+    """The t = 0 output of a time-scaled field is computed once for all K samples: Euler N steps cost
+    1 + K·(N − 1) network calls instead of K·N, with the same samples as evaluating every one."""
+    scaled = tiny_field()
+    scaled.time_scaled_x_t = True
+    counting = CountingField(scaled)
+    counting.time_scaled_x_t = True
+    k = 4
+    shared = FlowSegmenter(counting, 3, "x1", solver, seed=0, num_samples=k, samples_per_call=1).sample(image)
+    reference = FlowSegmenter(PlainView(scaled), 3, "x1", solver, seed=0, num_samples=k,
+                              samples_per_call=1).sample(image)
+    assert len(counting.batches) == 1 + k * (solver.num_evaluations - 1)
+    assert torch.allclose(shared.sample_log_probabilities, reference.sample_log_probabilities, atol=1e-5)
+    assert not torch.allclose(shared.sample_log_probabilities[0], shared.sample_log_probabilities[1], atol=1e-4)
+    # a VectorFieldUNet itself gets x_t=None at t = 0 (the image alone through the first convolution)
+    direct = FlowSegmenter(scaled, 3, "x1", solver, seed=0, num_samples=k).sample(image)
+    assert torch.allclose(direct.sample_log_probabilities, reference.sample_log_probabilities, atol=1e-5)

@@ -45,3 +45,29 @@ def test_the_scaled_field_is_the_plain_field_on_t_times_x_t(dim, kind):
         # the cached projection of x_t (unscaled, as samplers compute it) is scaled the same way
         via_projection = scaled(image, x_t, t, x_t_projection=scaled.x_t_projection(x_t))
         assert torch.allclose(via_projection, out, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["plain", "residual"])
+@pytest.mark.parametrize("dim", [2, 3])
+def test_the_prior_free_evaluation_is_the_t0_output_for_any_x_t(dim, kind):
+    """``x_t=None`` at t = 0: the first conv sees the image alone; same output as any x_t (and its projection)."""
+    _, scaled = pair(kind, dim)
+    spatial = (16, 20) if dim == 2 else (8, 12, 8)
+    gen = torch.Generator().manual_seed(2)
+    image, x_t = torch.randn(2, 2, *spatial, generator=gen), torch.randn(2, 3, *spatial, generator=gen)
+    t0 = torch.zeros(2)
+    with torch.inference_mode():  # the oneDNN route of the image conv too (batch 1 below)
+        free = scaled(image, None, t0)
+        assert free.shape == (2, 3, *spatial)
+        assert torch.allclose(free, scaled(image, x_t, t0), atol=1e-5)
+        assert torch.allclose(free, scaled(image, x_t, t0, x_t_projection=scaled.x_t_projection(x_t)), atol=1e-5)
+        assert torch.allclose(scaled(image[:1], None, t0[:1]), free[:1], atol=1e-5)
+
+
+def test_the_prior_free_evaluation_is_refused_where_x_t_matters():
+    plain, scaled = pair("plain", 2)
+    image = torch.randn(1, 2, 16, 20)
+    with pytest.raises(ValueError, match="prior-free"):
+        plain(image, None, torch.zeros(1))  # the plain input: x_t is read at t = 0
+    with pytest.raises(ValueError, match="prior-free"):
+        scaled(image, None, torch.tensor([0.5]))  # t > 0: t · x_t is not zero
