@@ -31,7 +31,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_value as BV  # noqa: E402
 import common as C  # noqa: E402
-from value_models import budget_tag, load_bench_plans, train_or_load  # noqa: E402
+from value_models import prepare, train_or_load  # noqa: E402
 from value_report import RunScores  # noqa: E402
 
 logger = logging.getLogger("benchmarks.own_path")
@@ -85,18 +85,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
                    help=f"any of {list(VARIANTS)}")
     args = p.parse_args(argv)
-    C.setup_logging(args.verbose)
-    C.setup_env(args.work, n_proc_da=args.n_proc_da)
+    bench = prepare(args)
     import SimpleITK as sitk
-    import torch
     import medflowseg_nn.inference.sampler as sampler
-    torch.set_num_threads(args.threads)
-    args.budget_tag = budget_tag(args)
-    name = C.resolve_dataset_name(args.d)
-    folder = C.ensure_planned(name, [args.configuration], preprocess=True)
-    plans, dataset_json = load_bench_plans(name, args)
-    test, _ = BV.write_splits(folder, C.case_ids(name), args.n_test)
-    test = test[: args.max_test_cases]
+    name, plans, dataset_json, test = bench.name, bench.plans, bench.dataset_json, bench.test
     raw, ending, n_ch = C.shared_data_dir() / name, dataset_json["file_ending"], len(dataset_json["channel_names"])
     plain_integrate, rows, per_run = sampler.integrate, [], {}
     for seed in args.seeds:

@@ -38,7 +38,7 @@ if __package__ in (None, ""):
     import sys
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
-from value_models import budget_tag, load_bench_plans, train_or_load  # noqa: E402
+from value_models import prepare, train_or_load  # noqa: E402
 from value_report import RunScores, tables  # noqa: E402
 
 logger = logging.getLogger("benchmarks.value")
@@ -155,20 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    C.setup_logging(args.verbose)
-    C.setup_env(args.work, n_proc_da=args.n_proc_da)
-    import SimpleITK as sitk
-    import torch
-    from medflowseg_nn.temperature import apply_temperature
-    torch.set_num_threads(args.threads)
-    args.budget_tag = budget_tag(args)
     t_start = time.perf_counter()
-    name = C.resolve_dataset_name(args.d)
-    folder = C.ensure_planned(name, [args.configuration], preprocess=True)
-    plans, dataset_json = load_bench_plans(name, args)
+    bench = prepare(args)
+    import SimpleITK as sitk
+    from medflowseg_nn.temperature import apply_temperature
+    name, plans, dataset_json, test, splits = bench.name, bench.plans, bench.dataset_json, bench.test, bench.splits
     info = C.machine_info()
-    test, splits = write_splits(folder, C.case_ids(name), args.n_test)
-    test = test[: args.max_test_cases]
     s0 = args.seeds[0]
     models: dict[str, tuple[Any, float]] = {}
     for seed in args.seeds:

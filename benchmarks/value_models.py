@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -75,7 +77,7 @@ def load_bench_plans(name: str, args: argparse.Namespace) -> tuple[dict, dict]:
     from medflowseg_nn.config import PLANS_KEY, FlowMatchingConfig
     plans, dataset_json = C.load_plans(name)
     plans["configurations"][args.configuration]["batch_size"] = args.batch_size
-    overrides = parse_flow_overrides(getattr(args, "flow", None) or [])
+    overrides = parse_flow_overrides(args.flow)
     if overrides:
         block = plans.setdefault(PLANS_KEY, {})
         block.setdefault("network", {}).update(overrides.pop("network", {}))
@@ -88,7 +90,7 @@ def model_tag(method: str, fold: int, seed: int, args: argparse.Namespace) -> st
     """Cache name of one model: the trainer (ours: plus the ``--flow`` overrides), fold, seed and budget."""
     if method == "nnunet":
         return f"nnunet_f{fold}_s{seed}_{args.budget_tag}"
-    flow = "".join(f"_{item}" for item in sorted(getattr(args, "flow", None) or []))
+    flow = "".join(f"_{item}" for item in sorted(args.flow))
     return f"{args.ours_trainer}{flow}_f{fold}_s{seed}_{args.budget_tag}".replace("/", "-").replace(" ", "")
 
 
@@ -119,14 +121,25 @@ def train_or_load(method: str, fold: int, seed: int, args: argparse.Namespace, p
     return trainer, train_s
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from bench_value import build_parser, write_splits
-    parser = build_parser()
-    parser.description = "train one bench_value model: METHOD SEED [--fold F] [bench_value flags]"
-    parser.add_argument("method", choices=["nnunet", "ours"])
-    parser.add_argument("seed", type=int)
-    parser.add_argument("--fold", type=int, default=0)
-    args = parser.parse_args(argv)
+@dataclass(frozen=True)
+class BenchSetup:
+    """The dataset every issue-#9 benchmark script works on: its name, preprocessed folder, plans (with
+    ``--batch_size`` and ``--flow``), dataset.json, held-out test cases (the last ``--n_test``, cut to
+    ``--max_test_cases``) and the cross-validation splits of the rest."""
+
+    name: str
+    folder: Path
+    plans: dict
+    dataset_json: dict
+    test: list
+    splits: list
+
+
+def prepare(args: argparse.Namespace) -> BenchSetup:
+    """What bench_value, value_models and bench_own_path do first, from bench_value's flags: logging, nnU-Net's
+    environment in ``--work``, torch threads, ``args.budget_tag``, the dataset planned and preprocessed, the
+    benchmark plans and the held-out split (written once, atomically)."""
+    from bench_value import write_splits
     C.setup_logging(args.verbose)
     C.setup_env(args.work, n_proc_da=args.n_proc_da)
     import torch
@@ -135,8 +148,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     name = C.resolve_dataset_name(args.d)
     folder = C.ensure_planned(name, [args.configuration], preprocess=True)
     plans, dataset_json = load_bench_plans(name, args)
-    write_splits(folder, C.case_ids(name), args.n_test)
-    _, seconds = train_or_load(args.method, args.fold, args.seed, args, plans, dataset_json)
+    test, splits = write_splits(folder, C.case_ids(name), args.n_test)
+    return BenchSetup(name, folder, plans, dataset_json, test[: args.max_test_cases], splits)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from bench_value import build_parser
+    parser = build_parser()
+    parser.description = "train one bench_value model: METHOD SEED [--fold F] [bench_value flags]"
+    parser.add_argument("method", choices=["nnunet", "ours"])
+    parser.add_argument("seed", type=int)
+    parser.add_argument("--fold", type=int, default=0)
+    args = parser.parse_args(argv)
+    bench = prepare(args)
+    _, seconds = train_or_load(args.method, args.fold, args.seed, args, bench.plans, bench.dataset_json)
     print(f"{args.method} fold {args.fold} seed {args.seed} ({args.budget_tag}): {seconds:.0f} s of training")
     return 0
 

@@ -27,13 +27,18 @@ def pair(kind: str, dim: int) -> tuple[VectorFieldUNet, VectorFieldUNet]:
     return plain.eval(), scaled.eval()
 
 
+def image_and_x_t(dim: int, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``image [batch, 2, *S]`` and ``x_t [batch, 3, *S]``, seeded."""
+    spatial = (16, 20) if dim == 2 else (8, 12, 8)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 2, *spatial, generator=gen), torch.randn(batch, 3, *spatial, generator=gen)
+
+
 @pytest.mark.parametrize("kind", ["plain", "residual"])
 @pytest.mark.parametrize("dim", [2, 3])
 def test_the_scaled_field_is_the_plain_field_on_t_times_x_t(dim, kind):
     plain, scaled = pair(kind, dim)
-    spatial = (16, 20) if dim == 2 else (8, 12, 8)
-    gen = torch.Generator().manual_seed(1)
-    image, x_t = torch.randn(3, 2, *spatial, generator=gen), torch.randn(3, 3, *spatial, generator=gen)
+    image, x_t = image_and_x_t(dim, 3, seed=1)
     t = torch.tensor([0.0, 0.3, 0.8])
     with torch.no_grad():
         out = scaled(image, x_t, t)
@@ -52,13 +57,11 @@ def test_the_scaled_field_is_the_plain_field_on_t_times_x_t(dim, kind):
 def test_the_prior_free_evaluation_is_the_t0_output_for_any_x_t(dim, kind):
     """``x_t=None`` at t = 0: the first conv sees the image alone; same output as any x_t (and its projection)."""
     _, scaled = pair(kind, dim)
-    spatial = (16, 20) if dim == 2 else (8, 12, 8)
-    gen = torch.Generator().manual_seed(2)
-    image, x_t = torch.randn(2, 2, *spatial, generator=gen), torch.randn(2, 3, *spatial, generator=gen)
+    image, x_t = image_and_x_t(dim, 2, seed=2)
     t0 = torch.zeros(2)
     with torch.inference_mode():  # the oneDNN route of the image conv too (batch 1 below)
         free = scaled(image, None, t0)
-        assert free.shape == (2, 3, *spatial)
+        assert free.shape == x_t.shape
         assert torch.allclose(free, scaled(image, x_t, t0), atol=1e-5)
         assert torch.allclose(free, scaled(image, x_t, t0, x_t_projection=scaled.x_t_projection(x_t)), atol=1e-5)
         assert torch.allclose(scaled(image[:1], None, t0[:1]), free[:1], atol=1e-5)
