@@ -12,14 +12,15 @@ May be imported by ``medflowseg_nn.inference``, ``medflowseg_nn.cli``, ``planner
 from __future__ import annotations
 
 import contextlib
+import importlib
 import itertools
 import multiprocessing.pool
 import os
+from types import ModuleType
 from typing import Iterator, Optional, Sequence
 
 import torch
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
-from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
 
 #: the Gaussian importance map nnU-Net's sliding window uses (``_internal_predict_sliding_window_return_logits``)
 GAUSSIAN_SIGMA_SCALE = 1.0 / 8
@@ -28,6 +29,8 @@ GAUSSIAN_VALUE_SCALING = 10
 TRAINER_PREDICTOR_NAME = "nnUNetPredictor"
 #: the name under which nnU-Net's trainer module refers to DistributedDataParallel (``initialize`` wraps with it)
 TRAINER_DDP_NAME = "DDP"
+#: nnU-Net's trainer module, imported only where a trainer hook needs it (:func:`trainer_module`)
+TRAINER_MODULE = "nnunetv2.training.nnUNetTrainer.nnUNetTrainer"
 #: private ``nnUNetPredictor`` methods called from here (checked to exist by the compat test)
 PRIVATE_PREDICTOR_METHODS = ("_internal_get_sliding_window_slicers",
                              "_internal_get_data_iterator_from_lists_of_filenames")
@@ -78,22 +81,28 @@ def _attribute_swapped(owner: object, name: str, value: object) -> Iterator[None
         setattr(owner, name, old)
 
 
+def trainer_module() -> ModuleType:
+    """nnU-Net's trainer module, imported on first use: it pulls in its logger's plotting stack (seaborn,
+    matplotlib) and torch._dynamo, seconds of start-up that ``mfs_predict`` and its export workers never need."""
+    return importlib.import_module(TRAINER_MODULE)
+
+
 def validation_predictor(predictor_class: type) -> contextlib.AbstractContextManager:
     """Make nnU-Net's ``nnUNetTrainer.perform_actual_validation`` build ``predictor_class`` instead of its
     ``nnUNetPredictor`` (it looks the name up in its module at call time); restored afterwards."""
-    return _attribute_swapped(trainer_module, TRAINER_PREDICTOR_NAME, predictor_class)
+    return _attribute_swapped(trainer_module(), TRAINER_PREDICTOR_NAME, predictor_class)
 
 
 def cpu_capable_ddp() -> contextlib.AbstractContextManager:
     """nnU-Net's ``initialize`` wraps the network as ``DDP(network, device_ids=[local_rank])``, which only works
     for CUDA modules: for a CPU module (gloo) drop ``device_ids``, as DistributedDataParallel requires."""
-    ddp = getattr(trainer_module, TRAINER_DDP_NAME)
+    ddp = getattr(trainer_module(), TRAINER_DDP_NAME)
 
     def wrap(module, device_ids=None, **kwargs):
         on_cpu = all(p.device.type == "cpu" for p in module.parameters())
         return ddp(module, device_ids=None if on_cpu else device_ids, **kwargs)
 
-    return _attribute_swapped(trainer_module, TRAINER_DDP_NAME, wrap)
+    return _attribute_swapped(trainer_module(), TRAINER_DDP_NAME, wrap)
 
 
 @contextlib.contextmanager

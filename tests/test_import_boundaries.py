@@ -79,3 +79,15 @@ def test_trainers_and_planners_install_under_the_package_namespace(tmp_path):
     code = ("import importlib.util as u, medflowseg_nn.trainers.variants, medflowseg_nn.planners.mfs_planner\n"
             "assert u.find_spec('trainers') is None and u.find_spec('planners') is None\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
+def test_prediction_does_not_import_nnunets_trainer_module():
+    """``mfs_predict`` and its spawned export workers import the runner; nnU-Net's trainer module (its logger's
+    seaborn / matplotlib, torch._dynamo: seconds of start-up) is imported only by the trainer hooks that need it."""
+    import subprocess
+    import sys
+    code = ("import sys, medflowseg_nn.cli.predict, medflowseg_nn.inference.runner; "
+            "print('nnunetv2.training.nnUNetTrainer.nnUNetTrainer' in sys.modules, 'seaborn' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False", "False"]
