@@ -231,3 +231,18 @@ def test_background_pools_match_in_process_and_isolate_a_corrupt_case(env, tmp_p
     for job, ref in zip([jobs[0], jobs[2]], reference):
         a = sitk.GetArrayFromImage(sitk.ReadImage(job.output_truncated + ".nii.gz"))
         assert np.array_equal(a, sitk.GetArrayFromImage(sitk.ReadImage(ref.output_truncated + ".nii.gz")))
+
+
+def test_one_fold_is_loaded_once_and_again_after_the_weights_change(env, monkeypatch):
+    """nnU-Net reloads every fold for every case; with one fold the same weights are loaded once, and again only
+    when something changed them in place (a load, an optimiser step) — the outputs stay those of the fold."""
+    predictor = make_predictor(env, use_mirroring=False)
+    loads = []
+    original = predictor.segmenter.load_state_dict
+    monkeypatch.setattr(predictor.segmenter, "load_state_dict", lambda sd, **kw: loads.append(1) or original(sd, **kw))
+    data = torch.randn(1, 12, 16, 12, generator=torch.Generator().manual_seed(3))
+    first = predictor.predict_case(data).logits
+    assert torch.equal(predictor.predict_case(data).logits, first) and len(loads) == 1
+    with torch.no_grad():
+        next(predictor.segmenter.parameters()).add_(1.0)  # weights changed behind the predictor's back
+    assert torch.equal(predictor.predict_case(data).logits, first) and len(loads) == 2
