@@ -169,9 +169,12 @@ class FlowSegmenter(nn.Module):
         x0 = self.prior(batch, spatial, image.device, image.dtype)
         start = self.start_output(image)
         if start is not None and self.one_step:
-            t0 = torch.zeros(batch, device=image.device, dtype=image.dtype)
-            log_p = self._one_step_log_p(start, x0[:batch], t0)
-            return log_p.unsqueeze(0).expand(self.num_samples, *log_p.shape)
+            # x1: x̂1 = softmax(output), the same for every prior; velocity: x̂1 = x0_k + output, one per prior
+            k = 1 if self.parameterization == "x1" else self.num_samples
+            t0 = torch.zeros(k * batch, device=image.device, dtype=image.dtype)
+            log_p = self._one_step_log_p(repeat_batch(start, k), x0[:k * batch], t0)
+            log_p = log_p.reshape(k, batch, *log_p.shape[1:])
+            return log_p.expand(self.num_samples, *log_p.shape[1:])
         projection = self.prior_projection(x0) if self.one_step else None
         chunk = self.chunk_size(image.device)
         parts = []
@@ -192,8 +195,8 @@ class FlowSegmenter(nn.Module):
         return bool(getattr(self.field, "time_scaled_x_t", False))
 
     def prior_free_one_step(self) -> bool:
-        """One Euler step of a :meth:`prior_free_start` field: all K samples are the same."""
-        return self.one_step and self.prior_free_start()
+        """One Euler step of a :meth:`prior_free_start` field with the ``x1`` output: all K samples are the same."""
+        return self.one_step and self.prior_free_start() and self.parameterization == "x1"
 
     def start_output(self, image: Tensor) -> Optional[Tensor]:
         """Raw field output at t = 0 ``[B, C, *S]`` for all K samples of a :meth:`prior_free_start` field, else

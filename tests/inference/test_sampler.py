@@ -256,3 +256,18 @@ def test_k_samples_of_a_time_scaled_field_share_the_t0_evaluation(image, solver)
     # a VectorFieldUNet itself gets x_t=None at t = 0 (the image alone through the first convolution)
     direct = FlowSegmenter(scaled, 3, "x1", solver, seed=0, num_samples=k).sample(image)
     assert torch.allclose(direct.sample_log_probabilities, reference.sample_log_probabilities, atol=1e-5)
+
+
+@torch.no_grad()
+def test_one_step_velocity_samples_of_a_time_scaled_field_keep_their_own_prior(image):
+    """With the velocity output, x̂1 = x0_k + v: one shared t = 0 evaluation, but K different samples."""
+    scaled = tiny_field()
+    scaled.time_scaled_x_t = True
+    counting = CountingField(scaled)
+    counting.time_scaled_x_t = True
+    out = FlowSegmenter(counting, 3, "velocity", SolverConfig(), seed=0, num_samples=3).sample(image)
+    reference = FlowSegmenter(PlainView(scaled), 3, "velocity", SolverConfig(), seed=0, num_samples=3,
+                              samples_per_call=1).sample(image)
+    assert counting.batches == [2]
+    assert torch.allclose(out.sample_log_probabilities, reference.sample_log_probabilities, atol=1e-5)
+    assert not torch.allclose(out.sample_log_probabilities[0], out.sample_log_probabilities[1], atol=1e-4)
