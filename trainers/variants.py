@@ -47,8 +47,10 @@ class MedFlowSegTrainer_noAttention(MedFlowSegTrainer):
 
 class MedFlowSegTrainer_velocity(MedFlowSegTrainer):
     """Velocity-output network (the paper's literal parameterisation; plain flow matching on the label's path,
-    since the velocity target x1 − x0 does not fit an x_t moved onto the model's own estimate)."""
+    since the velocity target x1 − x0 does not fit an x_t moved onto the model's own estimate). The plain x_t
+    input: the target x1 − x0 at t = 0 needs x0, which the time-scaled input hides there."""
     flow_overrides = {"parameterization": "velocity", "own_estimate_fraction": 0.0}
+    network_overrides = {"time_scaled_x_t": False}
 
 
 class MedFlowSegTrainer_uniformTime(MedFlowSegTrainer):
@@ -58,9 +60,10 @@ class MedFlowSegTrainer_uniformTime(MedFlowSegTrainer):
 
 
 class MedFlowSegTrainer_velocityUniformTime(MedFlowSegTrainer):
-    """The paper's literal setting: velocity output and t ~ U(0, 1)."""
+    """The paper's literal setting: velocity output and t ~ U(0, 1), plain x_t input."""
     flow_overrides = {"parameterization": "velocity", "time_sampler": "uniform", "zero_fraction": 0.0,
                       "own_estimate_fraction": 0.0}
+    network_overrides = {"time_scaled_x_t": False}
 
 
 class MedFlowSegTrainer_ownEstimate(MedFlowSegTrainer):

@@ -73,6 +73,8 @@ def test_velocity_variant_trains_and_losses_the_velocity_parameterization(planne
     assert MedFlowSegTrainer.resolved_flow_config(plans, cm).parameterization == "x1"
     for cls in (variants.MedFlowSegTrainer_velocity, variants.MedFlowSegTrainer_velocityUniformTime):
         assert cls.resolved_flow_config(plans, cm).parameterization == "velocity"
+        # x1 − x0 at t = 0 needs x0: the velocity variants see the plain x_t, not t · x_t
+        assert not cls.resolved_flow_config(plans, cm).network.time_scaled_x_t
         trainer = make_trainer(cls, planned, fresh(planned)[0])
         loss = trainer._build_loss()
         assert isinstance(loss, FlowMatchingLoss) and loss.parameterization == "velocity"
