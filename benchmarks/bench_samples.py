@@ -38,8 +38,8 @@ import common as C  # noqa: E402
 import gpu_check  # noqa: E402
 
 logger = logging.getLogger("benchmarks.samples")
-COLUMNS = ("plan", "threads", "steps", "K", "shared ms", "shared per sample ms", "shared / (K x one)", "repeated-image ms",
-           "repeated / (K x one)", "one per call ms", "one per call / (K x one)", "K x one ms")
+COLUMNS = ("plan", "threads", "steps", "K", "shared ms", "shared per sample ms", "shared / (K x one)",
+           "repeated-image ms", "repeated / (K x one)", "one per call ms", "one per call / (K x one)", "K x one ms")
 
 
 def curve(name: str, plan: dict, ks: Sequence[int], threads: int, args: argparse.Namespace) -> list[dict]:
