@@ -64,6 +64,7 @@ class FlowMatchingConfig:
 
     Attributes:
         parameterization: network output meaning, ``x1`` (clean mask) or ``velocity``.
+            ``velocity`` needs ``network.time_scaled_x_t`` false (refused otherwise).
         time_sampler: ``uniform`` or ``logit_normal``; ``zero_fraction`` of each batch is drawn from
             U(0, ``zero_width``) instead (exactly t = 0 when ``zero_width`` is 0).
         mse_weight / seg_weight: weights of the flow MSE and of Dice + CE on the one-step estimate.
@@ -105,6 +106,9 @@ class FlowMatchingConfig:
         if self.own_estimate_fraction > 0 and self.parameterization != "x1":
             raise ValueError("flow_matching.own_estimate_fraction needs the x1 parameterization (the velocity target "
                              "x1 - x0 does not match an x_t moved onto the model's own estimate)")
+        if self.parameterization == "velocity" and self.network.time_scaled_x_t:
+            raise ValueError("flow_matching.parameterization 'velocity' needs network.time_scaled_x_t false: the "
+                             "velocity target x1 - x0 at t = 0 needs x0, which the time-scaled input t * x_t hides")
         if self.aux_on_own_estimate and self.own_estimate_fraction == 0:
             raise ValueError("flow_matching.aux_on_own_estimate needs own_estimate_fraction > 0: with 0 no sample is on "
                              "the own path and the option would change nothing (a block written before the "
@@ -151,3 +155,8 @@ class FlowMatchingConfig:
 
     def with_network(self, **changes: Any) -> "FlowMatchingConfig":
         return dataclasses.replace(self, network=dataclasses.replace(self.network, **changes))
+
+    def with_overrides(self, flow: dict[str, Any], network: dict[str, Any]) -> "FlowMatchingConfig":
+        """This configuration with ``flow`` keys and ``network`` keys changed in one step, so that only the
+        result is validated (e.g. ``velocity`` with the plain input, from a block with the time-scaled one)."""
+        return dataclasses.replace(self, network=dataclasses.replace(self.network, **network), **flow)

@@ -93,8 +93,7 @@ class MedFlowSegTrainer(nnUNetTrainer):
         """What this class trains on ``plans``: the plans' ``flow_matching`` block with the class's overrides
         applied and the DBSA/FAA placement written out for the configuration's stages. Pure: ``plans`` is not
         modified. Applying it to plans that already hold its result returns the same configuration."""
-        config = FlowMatchingConfig.from_plans(plans).replace(**cls.flow_overrides)
-        config = config.with_network(**cls.network_overrides)
+        config = FlowMatchingConfig.from_plans(plans).with_overrides(cls.flow_overrides, cls.network_overrides)
         n_stages = configuration_manager.network_arch_init_kwargs["n_stages"]
         return config.replace(network=config.network.resolved(n_stages))
 

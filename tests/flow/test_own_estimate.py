@@ -100,5 +100,10 @@ def test_config_keeps_the_option_and_refuses_it_for_velocity():
     assert FlowMatchingConfig.from_dict({"parameterization": "velocity"}).own_estimate_fraction == 0.0
     with pytest.raises(ValueError, match="x1 parameterization"):
         FlowMatchingConfig(parameterization="velocity", own_estimate_fraction=0.5)
+    with pytest.raises(ValueError, match="time_scaled_x_t false"):  # a full planner block with only the output changed
+        FlowMatchingConfig().replace(parameterization="velocity", own_estimate_fraction=0.0)
+    plain = FlowMatchingConfig().with_overrides({"parameterization": "velocity", "own_estimate_fraction": 0.0},
+                                                {"time_scaled_x_t": False})
+    assert plain.parameterization == "velocity" and not plain.network.time_scaled_x_t
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         FlowMatchingConfig(own_estimate_fraction=-0.1)

@@ -103,8 +103,9 @@ def test_planned_plans_have_the_flow_block_and_the_estimates_network(planned):
 
 
 def test_save_plans_writes_the_planners_own_flow_config(planned):
-    config = FlowMatchingConfig(parameterization="velocity", steps=4, own_estimate_fraction=0.0).with_network(use_faa=False,
-                                                                                  dbsa_stages=[0, 1])
+    config = FlowMatchingConfig().with_overrides(
+        {"parameterization": "velocity", "steps": 4, "own_estimate_fraction": 0.0},
+        {"use_faa": False, "dbsa_stages": [0, 1], "time_scaled_x_t": False})
     planner = MedFlowSegPlanner(DATASET, plans_name="CustomPlans", flow_config=config)
     plans = copy.deepcopy(planned.plans)
     plans.pop(PLANS_KEY), plans.pop(MEMORY_ESTIMATE_KEY)
@@ -113,7 +114,7 @@ def test_save_plans_writes_the_planners_own_flow_config(planned):
     saved = json.loads((planned.pre / "CustomPlans.json").read_text())
     assert FlowMatchingConfig.from_plans(saved) == config
     assert saved[MEMORY_ESTIMATE_KEY] == {"network": {**dataclasses.asdict(NetworkOptions()), "use_faa": False,
-                                                      "dbsa_stages": [0, 1]}}
+                                                      "dbsa_stages": [0, 1], "time_scaled_x_t": False}}
     assert saved["configurations"] == planned.plans["configurations"]
 
 
