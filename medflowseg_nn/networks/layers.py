@@ -7,12 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: PyTorch's CPU convolution sends a batch-1 3D convolution with few input channels (N·C·D·H ≤ 20480, a rule
-#: written for 2D images) to its im2col path ``slow_conv3d``; for the first conv of a sliding-window tile oneDNN is
-#: several times faster (Hippocampus 40×56×40, 1 → 32 channels, 1 thread: 8.3 → 3.5 ms; see benchmarks/RESULTS.md)
-ONEDNN_MAX_INPUT_CHANNELS = 8
-
-
 def num_groups(channels: int, max_groups: int = 8) -> int:
     """Largest divisor of ``channels`` that is ``<= max_groups`` (GroupNorm group count)."""
     for g in range(min(max_groups, channels), 0, -1):
@@ -33,10 +27,17 @@ def conv_ndim(conv_op: type[nn.Module]) -> int:
 
 
 def prefers_onednn(x: Tensor, weight: Tensor, groups: int) -> bool:
-    """Whether :func:`conv_with` calls oneDNN directly: an inference-time (no autograd) float32 CPU 3D convolution
-    of one image with at most :data:`ONEDNN_MAX_INPUT_CHANNELS` input channels, where PyTorch would pick its
-    slower im2col path (see :data:`ONEDNN_MAX_INPUT_CHANNELS`)."""
-    return (x.ndim == 5 and x.shape[0] == 1 and x.shape[1] <= ONEDNN_MAX_INPUT_CHANNELS and groups == 1
+    """Whether :func:`conv_with` and :class:`InferenceConv3d` call oneDNN directly: an inference-time (no autograd)
+    float32 CPU 3D convolution of one image (``x [1, C, D, H, W]``), not grouped, with a kernel of more than one
+    voxel.
+
+    Why: PyTorch's CPU convolution sends a batch-1 convolution with a kernel of at most 3 per axis to its im2col
+    path (``slow_conv3d``) when N·C·D·H ≤ 20480 (a rule written for 2D images; for larger inputs it calls the same
+    oneDNN op as here). For the 3D shapes of a sliding-window tile oneDNN is faster (1 thread, Hippocampus
+    40×56×40 tile, ``benchmarks/RESULTS.md`` 2026-12-04 and 2026-12-05): 1 → 32 channels 8.3 → 3.5 ms, 8 → 8 at full
+    resolution 93 → 9 ms, 128 → 128 at 10×14×10 21 → 14 ms, 256 → 256 at 5×7×5 12 → 8 ms; for 1×1×1 kernels slower
+    (0.57 → 0.69 ms), and depthwise kernels already take the same code. PyTorch has no switch for the rule."""
+    return (x.ndim == 5 and x.shape[0] == 1 and groups == 1 and weight.shape[2:].numel() > 1
             and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and not torch.is_grad_enabled()
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
@@ -50,3 +51,36 @@ def conv_with(conv: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor]
                                                  list(conv.stride), list(conv.dilation), conv.groups)
     op = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.ndim]
     return op(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+class InferenceConv3d(nn.Conv3d):
+    """``nn.Conv3d`` (same parameters, state dict and training path) whose convolution goes to oneDNN for the
+    :func:`prefers_onednn` inputs: batch-1 inference tiles on the CPU. Outputs equal ``nn.Conv3d``'s up to float
+    rounding (~1e-6 relative)."""
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        if self.padding_mode == "zeros" and not isinstance(self.padding, str) and prefers_onednn(input, weight,
+                                                                                                self.groups):
+            return torch.ops.aten.mkldnn_convolution(input.contiguous(), weight.contiguous(), bias,
+                                                     list(self.padding), list(self.stride), list(self.dilation),
+                                                     self.groups)
+        return super()._conv_forward(input, weight, bias)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv3d) -> "InferenceConv3d":
+        """A new module with ``conv``'s settings that shares its weight and bias tensors."""
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                  conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
+        new.weight, new.bias = conv.weight, conv.bias
+        return new
+
+
+def use_onednn_convs(module: nn.Module) -> nn.Module:
+    """Replace, in place and recursively, every child of type exactly ``nn.Conv3d`` by an :class:`InferenceConv3d`
+    sharing its parameters (names and state dict unchanged); returns ``module``. 2D modules are left alone."""
+    for name, child in module.named_children():
+        if type(child) is nn.Conv3d:
+            setattr(module, name, InferenceConv3d.from_conv(child))
+        else:
+            use_onednn_convs(child)
+    return module

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from medflowseg_nn.networks.dual_branch_spatial_attention import DualBranchSpatialAttention
 from medflowseg_nn.networks.frequency_aware_attention import FrequencyAwareAttention
-from medflowseg_nn.networks.layers import conv_with
+from medflowseg_nn.networks.layers import conv_with, use_onednn_convs
 from medflowseg_nn.networks.time_embedding import TimeEmbedding, TimeModulation
 
 logger = logging.getLogger(__name__)
@@ -158,6 +158,7 @@ class VectorFieldUNet(nn.Module):
                                    for s in self.dbsa_stages})
         self.faa = nn.ModuleDict({str(s): FrequencyAwareAttention(features[s], conv_op, time_embed_dim, faa_num_bands)
                                   for s in self.faa_stages})
+        use_onednn_convs(self)  # batch-1 CPU inference convolutions on oneDNN (``layers.prefers_onednn``)
 
     @staticmethod
     def build_encoder_stage(stage: int, n_blocks: int, conv_op: Type[nn.Module], input_channels: int,
