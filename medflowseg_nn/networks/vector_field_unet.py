@@ -238,12 +238,13 @@ class VectorFieldUNet(nn.Module):
             if x_t_projection is not None:
                 x_t_projection = x_t_projection * scale.to(x_t_projection.dtype)
         x = self.first_stage(image, x_t, x_t_projection)
+        inplace = not torch.is_grad_enabled()  # modulate the stages' fresh outputs in place (TimeModulation)
         cond = image
         skips = []
         for s in range(self.n_stages):
             if s > 0:
                 x = self.encoder[s](x)
-            x = self.encoder_time[s](x, temb)
+            x = self.encoder_time[s](x, temb, inplace)
             if str(s) in self.faa:
                 x = self.faa[str(s)](x, temb)
             if s < len(self.cond_encoder):
@@ -254,7 +255,7 @@ class VectorFieldUNet(nn.Module):
         aux = []
         for i in range(self.n_stages - 1):
             x = torch.cat([self.upsample[i](x), skips[-(i + 1)]], 1)
-            x = self.decoder_time[i](self.decoder[i](x), temb)
+            x = self.decoder_time[i](self.decoder[i](x), temb, inplace)
             if with_aux and i < self.n_stages - 2:
                 aux.append(self.aux_heads[i](x))
         out = self.seg_head(x)

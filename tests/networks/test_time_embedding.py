@@ -33,3 +33,18 @@ def test_modulation_is_identity_at_init_and_film_after(spatial):
     grads = torch.autograd.grad(out, [x, mod.proj[1].weight], g)
     ref = torch.autograd.grad(expected, [x, mod.proj[1].weight], g)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, ref))
+
+
+@pytest.mark.parametrize("spatial", [(5, 6), (3, 4, 5)], ids=["2d", "3d"])
+def test_inplace_modulation_equals_the_new_tensor_one_and_refuses_autograd(spatial):
+    torch.manual_seed(0)
+    mod, temb = TimeModulation(8, 3), TimeEmbedding(8)(torch.tensor([0.0, 0.7])).detach()
+    torch.nn.init.normal_(mod.proj[1].weight)
+    x = torch.randn(2, 3, *spatial)
+    with torch.inference_mode():
+        expected = mod(x, temb)
+        y = x.clone()
+        out = mod(y, temb, inplace=True)
+    assert out.data_ptr() == y.data_ptr() and torch.allclose(out, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="inference only"):
+        mod(x.clone(), temb, inplace=True)
