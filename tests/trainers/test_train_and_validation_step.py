@@ -22,7 +22,7 @@ CONFIG = "3d_fullres"
 
 class VelocityNoDeepSupervision(MedFlowSegTrainer_velocity):
     """The velocity variant on a single full-resolution target (deep supervision is tested on its own)."""
-    network_overrides = {"deep_supervision": False}
+    network_overrides = {**MedFlowSegTrainer_velocity.network_overrides, "deep_supervision": False}
 
 
 SINGLE_TARGET = [MedFlowSegTrainer_noDeepSupervision, VelocityNoDeepSupervision]
