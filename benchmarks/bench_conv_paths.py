@@ -27,6 +27,7 @@ if __package__ in (None, ""):
     import sys
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
+from gpu_check import timed  # noqa: E402
 
 #: (input channels, output channels, spatial shape, kernel) of the convolutions in a Hippocampus tile
 SHAPES = [(1, 8, (40, 56, 40), 3), (1, 32, (40, 56, 40), 3), (8, 8, (40, 56, 40), 3), (32, 32, (40, 56, 40), 3),
@@ -35,15 +36,9 @@ SHAPES = [(1, 8, (40, 56, 40), 3), (1, 32, (40, 56, 40), 3), (8, 8, (40, 56, 40)
 
 
 def median_ms(f: Callable[[], object], iters: int, clock: Callable[[], float], warmup: int = 3) -> float:
-    """Median of ``iters`` calls after ``warmup`` (oneDNN's first calls for a new shape build its primitive)."""
-    for _ in range(warmup):
-        f()
-    times = []
-    for _ in range(iters):
-        t = clock()
-        f()
-        times.append(clock() - t)
-    return statistics.median(times) * 1e3
+    """Median ms of ``iters`` CPU calls after ``warmup`` (oneDNN's first calls for a new shape build its primitive)."""
+    import torch
+    return timed(f, torch.device("cpu"), warmup, iters, clock)
 
 
 def shape_rows(iters: int, clock) -> list[dict]:

@@ -59,12 +59,9 @@ class InferenceConv3d(nn.Conv3d):
     rounding (~1e-6 relative)."""
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        if self.padding_mode == "zeros" and not isinstance(self.padding, str) and prefers_onednn(input, weight,
-                                                                                                self.groups):
-            return torch.ops.aten.mkldnn_convolution(input.contiguous(), weight.contiguous(), bias,
-                                                     list(self.padding), list(self.stride), list(self.dilation),
-                                                     self.groups)
-        return super()._conv_forward(input, weight, bias)
+        if self.padding_mode != "zeros":  # conv_with pads with zeros only
+            return super()._conv_forward(input, weight, bias)
+        return conv_with(self, input, weight, bias)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv3d) -> "InferenceConv3d":
