@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 
 from medflowseg_nn.cli.common import cli_errors, dataset_name, pick_device, require_env, setup_logging
 from medflowseg_nn.cli.train import DEFAULT_PLANS, DEFAULT_TRAINER
+from medflowseg_nn.cpu_allocator import tune_cpu_allocator
 from medflowseg_nn.errors import UserError
 
 
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    tune_cpu_allocator()  # each sliding-window tile reuses the last one's pages (medflowseg_nn.cpu_allocator)
     if args.m is None and args.d is None:
         raise UserError("give the model as -m MODEL_FOLDER or as -d DATASET [-c CONFIG -tr TRAINER -p PLANS]")
     from medflowseg_nn.inference.runner import UNCERTAINTY_SUBFOLDER, ExportOptions, PredictionSettings, predict_folder

@@ -14,6 +14,7 @@ import torch
 
 from medflowseg_nn.cli.common import cli_errors, dataset_name, pick_device, require_env, setup_logging
 from medflowseg_nn.distributed import process_group, torchrun_environment
+from medflowseg_nn.cpu_allocator import tune_cpu_allocator
 from medflowseg_nn.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -180,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, args.quiet)
+    tune_cpu_allocator()  # each iteration reuses the last one's pages (medflowseg_nn.cpu_allocator)
     run_training(dataset=args.dataset_name_or_id, configuration=args.configuration, fold=args.fold,
                  trainer=resolve_trainer_name(args.tr, no_dbsa=args.no_dbsa, no_faa=args.no_faa), plans=args.p,
                  pretrained_weights=args.pretrained_weights, num_gpus=args.num_gpus, npz=args.npz,
