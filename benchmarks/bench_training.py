@@ -165,7 +165,8 @@ def run_subprocess(kind: str, configuration: str, method: Optional[str], args: a
            "--warmup", str(args.warmup), "--iters", str(args.iters), "--batches", str(args.batches),
            "--mem_steps", str(args.mem_steps), "--profile", str(args.profile), "-device", args.device, "--work", str(args.work),
            "--threads", str(args.threads),
-           "--n_proc_da", args.n_proc_da, "--_result", str(out)] + (["--method", method] if method else [])
+           "--n_proc_da", args.n_proc_da, "--_result", str(out)] + (["--method", method] if method else []) + (
+           ["--tune_malloc"] if args.tune_malloc else [])
     logger.info("running %s", " ".join(cmd))
     subprocess.run(cmd, check=True)
     res = json.loads(out.read_text())
@@ -214,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_proc_da", default="0", help="nnUNet_n_proc_DA for the workers (default 0: batches are "
                                                     "drawn before timing anyway)")
     C.add_output_args(p, "bench_training.json")
+    p.add_argument("--tune_malloc", action="store_true", help="raise glibc's malloc thresholds in the workers, as "
+                   "mfs_train does (medflowseg_nn.cpu_allocator); both trainers of a worker get it")
     p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--_worker", choices=("time", "memory"), help=argparse.SUPPRESS)
     p.add_argument("--_result", type=Path, help=argparse.SUPPRESS)
@@ -227,6 +230,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.nnunet_compile:
         os.environ["nnUNet_compile"] = "f"
     if args._worker:
+        if args.tune_malloc:  # before the first large allocation; both trainers of the worker share it
+            from medflowseg_nn.cpu_allocator import tune_cpu_allocator
+            logger.info("glibc malloc thresholds raised: %s", tune_cpu_allocator())
         import torch
         if args.device == "cpu":
             torch.set_num_threads(args.threads or os.cpu_count() or 1)

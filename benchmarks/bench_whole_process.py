@@ -33,7 +33,21 @@ import common as C  # noqa: E402
 
 logger = logging.getLogger("benchmarks.whole_process")
 TOOLS = ("nnunet", "ours")
+#: ``--allocator_rows``: each command with the other's glibc malloc setting (``medflowseg_nn.cpu_allocator``:
+#: mfs_predict raises the thresholds itself), so that the allocator's share of a ratio is seen apart
+ALLOCATOR_TOOLS = ("nnunet_tuned_malloc", "ours_untuned_malloc")
 BIN = Path(sys.executable).parent
+
+
+def tool_env(tool: str) -> dict:
+    """The environment a tool's command runs with: this process's, plus the allocator setting of its row."""
+    from medflowseg_nn.cpu_allocator import ENV_SWITCH, GLIBC_ENV
+    env = {k: v for k, v in os.environ.items() if k not in GLIBC_ENV}
+    if tool == "nnunet_tuned_malloc":
+        env.update({k: str(v) for k, v in GLIBC_ENV.items()})
+    elif tool == "ours_untuned_malloc":
+        env[ENV_SWITCH] = "0"
+    return env
 
 
 def make_model_folder(method: str, name: str, folder: Path) -> Path:
@@ -79,7 +93,7 @@ def link_inputs(name: str, num_cases: int, folder: Path) -> Path:
 
 def command(tool: str, inputs: Path, out: Path, model: Path, tta: bool, nnunet_workers: Optional[int] = None
             ) -> list[str]:
-    if tool == "ours":
+    if tool.startswith("ours"):
         cmd = [str(BIN / "mfs_predict"), "-i", str(inputs), "-o", str(out), "-m", str(model), "-f", "0",
                "-device", "cpu"]
     else:
@@ -90,10 +104,11 @@ def command(tool: str, inputs: Path, out: Path, model: Path, tta: bool, nnunet_w
     return cmd + ([] if tta else ["--disable_tta"])
 
 
-def timed_run(cmd: list[str]) -> tuple[float, float]:
+def timed_run(cmd: list[str], env: Optional[dict] = None) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB of the main process) of ``cmd`` under GNU time; raises when it fails."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as f:
-        proc = subprocess.run(["/usr/bin/time", "-o", f.name, "-f", "%e %M", *cmd], capture_output=True, text=True)
+        proc = subprocess.run(["/usr/bin/time", "-o", f.name, "-f", "%e %M", *cmd], capture_output=True, text=True,
+                              env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         wall, rss_kib = f.read().split()[-2:]
@@ -101,9 +116,12 @@ def timed_run(cmd: list[str]) -> tuple[float, float]:
 
 
 def summarise(runs: list[dict]) -> list[dict]:
+    """One row per (dataset, TTA): median wall / RSS per tool; ``wall_ratio`` etc. = ours / nnU-Net, and with the
+    allocator rows ``{tool}_vs_nnunet`` for each of them."""
     rows = []
     for key in sorted({(r["dataset"], r["tta"]) for r in runs}):
-        by_tool = {tool: [r for r in runs if (r["dataset"], r["tta"], r["tool"]) == (*key, tool)] for tool in TOOLS}
+        tools = [t for t in TOOLS + ALLOCATOR_TOOLS if any(r["tool"] == t for r in runs)]
+        by_tool = {tool: [r for r in runs if (r["dataset"], r["tta"], r["tool"]) == (*key, tool)] for tool in tools}
         row: dict = {"dataset": key[0], "tta": key[1], "repeats": len(by_tool["ours"])}
         for tool, mine in by_tool.items():
             row[f"{tool}_wall_s"] = statistics.median(r["wall_s"] for r in mine)
@@ -112,13 +130,16 @@ def summarise(runs: list[dict]) -> list[dict]:
         row["rss_ratio"] = row["ours_rss_mb"] / row["nnunet_rss_mb"]
         row["pair_ratios"] = " ".join(f"{o['wall_s'] / n['wall_s']:.2f}"
                                       for o, n in zip(by_tool["ours"], by_tool["nnunet"]))
+        for tool in tools[2:]:
+            row[f"{tool}_vs_nnunet"] = row[f"{tool}_wall_s"] / row["nnunet_wall_s"]
         rows.append(row)
     return rows
 
 
 def bench_whole_process(datasets: Sequence[str], num_cases: int, repeats: int, tta: Sequence[str], work: Path,
-                        out: Path, nnunet_workers: Optional[int] = None) -> list[dict]:
+                        out: Path, nnunet_workers: Optional[int] = None, allocator_rows: bool = False) -> list[dict]:
     C.setup_env(work)
+    tools = TOOLS + (ALLOCATOR_TOOLS if allocator_rows else ())
     runs: list[dict] = []
     for dataset in datasets:
         name = C.resolve_dataset_name(dataset)
@@ -128,14 +149,16 @@ def bench_whole_process(datasets: Sequence[str], num_cases: int, repeats: int, t
         inputs = link_inputs(name, num_cases, work / "whole_process_inputs" / name)
         for setting in tta:
             # one warm-up run each (page cache, compiled kernels on disk), not counted
-            for tool in TOOLS:
-                timed_run(command(tool, inputs, work / "whole_process_out" / tool, models[tool], setting == "on",
-                                  nnunet_workers))
+            for tool in tools:
+                model = models[tool.split("_")[0]]
+                timed_run(command(tool, inputs, work / "whole_process_out" / tool, model, setting == "on",
+                                  nnunet_workers), tool_env(tool))
             for r in range(repeats):
-                for tool in (TOOLS if r % 2 == 0 else TOOLS[::-1]):
+                for tool in (tools if r % 2 == 0 else tools[::-1]):
                     target = work / "whole_process_out" / tool
                     shutil.rmtree(target, ignore_errors=True)
-                    wall, rss = timed_run(command(tool, inputs, target, models[tool], setting == "on", nnunet_workers))
+                    wall, rss = timed_run(command(tool, inputs, target, models[tool.split("_")[0]], setting == "on",
+                                                  nnunet_workers), tool_env(tool))
                     runs.append({"dataset": name, "tta": setting, "tool": tool, "repeat": r, "wall_s": wall,
                                  "rss_mb": rss, "cases": num_cases})
                     logger.info("%s tta %s %s repeat %d: %.1f s, %.0f MiB", name, setting, tool, r, wall, rss)
@@ -152,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", nargs="+", choices=("on", "off"), default=["off", "on"])
     p.add_argument("--nnunet_workers", type=int, default=None,
                    help="-npp / -nps for nnU-Net's command (default: its own defaults, 3 / 3)")
+    p.add_argument("--allocator_rows", action="store_true",
+                   help="also nnU-Net with mfs_predict's glibc malloc thresholds and ours without them")
     C.add_output_args(p, "bench_whole_process.json")
     return p
 
@@ -161,9 +186,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     C.setup_logging(args.verbose)
     rows = bench_whole_process(datasets=args.datasets, num_cases=args.num_cases, repeats=args.repeats,
                                tta=args.tta, work=args.work, out=args.out,
-                               nnunet_workers=args.nnunet_workers)
+                               nnunet_workers=args.nnunet_workers, allocator_rows=args.allocator_rows)
+    extra = [f"{t}_{c}" for t in ALLOCATOR_TOOLS for c in ("wall_s", "vs_nnunet")] if args.allocator_rows else []
     print(C.markdown_table(rows, ["dataset", "tta", "repeats", "nnunet_wall_s", "ours_wall_s", "wall_ratio",
-                                  "pair_ratios", "nnunet_rss_mb", "ours_rss_mb", "rss_ratio"]))
+                                  "pair_ratios", "nnunet_rss_mb", "ours_rss_mb", "rss_ratio", *extra]))
     return 0
 
 
