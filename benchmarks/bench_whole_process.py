@@ -39,6 +39,11 @@ ALLOCATOR_TOOLS = ("nnunet_tuned_malloc", "ours_untuned_malloc")
 BIN = Path(sys.executable).parent
 
 
+def method_of(tool: str) -> str:
+    """The model and command a row runs: ``nnunet`` or ``ours`` (an allocator row's name starts with it)."""
+    return tool.split("_")[0]
+
+
 def tool_env(tool: str) -> dict:
     """The environment a tool's command runs with: this process's, plus the allocator setting of its row."""
     from medflowseg_nn.cpu_allocator import ENV_SWITCH, GLIBC_ENV
@@ -93,7 +98,7 @@ def link_inputs(name: str, num_cases: int, folder: Path) -> Path:
 
 def command(tool: str, inputs: Path, out: Path, model: Path, tta: bool, nnunet_workers: Optional[int] = None
             ) -> list[str]:
-    if tool.startswith("ours"):
+    if method_of(tool) == "ours":
         cmd = [str(BIN / "mfs_predict"), "-i", str(inputs), "-o", str(out), "-m", str(model), "-f", "0",
                "-device", "cpu"]
     else:
@@ -148,17 +153,17 @@ def bench_whole_process(datasets: Sequence[str], num_cases: int, repeats: int, t
                   for tool in TOOLS}
         inputs = link_inputs(name, num_cases, work / "whole_process_inputs" / name)
         for setting in tta:
-            # one warm-up run each (page cache, compiled kernels on disk), not counted
-            for tool in tools:
-                model = models[tool.split("_")[0]]
-                timed_run(command(tool, inputs, work / "whole_process_out" / tool, model, setting == "on",
-                                  nnunet_workers), tool_env(tool))
+            def run(tool: str) -> tuple[float, float]:
+                target = work / "whole_process_out" / tool
+                shutil.rmtree(target, ignore_errors=True)
+                return timed_run(command(tool, inputs, target, models[method_of(tool)], setting == "on",
+                                         nnunet_workers), tool_env(tool))
+
+            for tool in tools:  # one warm-up run each (page cache, compiled kernels on disk), not counted
+                run(tool)
             for r in range(repeats):
                 for tool in (tools if r % 2 == 0 else tools[::-1]):
-                    target = work / "whole_process_out" / tool
-                    shutil.rmtree(target, ignore_errors=True)
-                    wall, rss = timed_run(command(tool, inputs, target, models[tool.split("_")[0]], setting == "on",
-                                                  nnunet_workers), tool_env(tool))
+                    wall, rss = run(tool)
                     runs.append({"dataset": name, "tta": setting, "tool": tool, "repeat": r, "wall_s": wall,
                                  "rss_mb": rss, "cases": num_cases})
                     logger.info("%s tta %s %s repeat %d: %.1f s, %.0f MiB", name, setting, tool, r, wall, rss)
