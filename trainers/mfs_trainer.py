@@ -12,8 +12,7 @@ get nnU-Net's Dice + CE and weights on the t = 0 samples (:meth:`MedFlowSegTrain
 follow nnU-Net's label manager: plain labels (softmax), **regions** (``regions_class_order`` in dataset.json: R
 overlapping binary channels, sigmoid per channel, Dice + BCE, pseudo Dice of ``sigmoid > 0.5`` per region) and
 the **ignore label** (``"ignore"`` in dataset.json's labels: ignored voxels add nothing to any loss term, their
-x_t is the prior draw x0 at every t, and the pseudo Dice skips them), also combined
-(:mod:`medflowseg_nn.flow.label_space`).
+x_t is the prior draw x0 at every t, and the pseudo Dice skips them), also combined (flow.label_space).
 """
 from __future__ import annotations
 
@@ -41,6 +40,7 @@ from medflowseg_nn.flow.solver import sample_prior
 from medflowseg_nn.inference.predictor import MedFlowSegPredictor
 from medflowseg_nn.inference.sampler import FlowSegmenter
 from medflowseg_nn.model import build_vector_field, check_memory_estimate
+from medflowseg_nn.pretrained import unwrap
 from medflowseg_nn.temperature import fit_validation_temperature
 from medflowseg_nn.trainers.label_definition import check_label_definition
 
@@ -126,9 +126,9 @@ class MedFlowSegTrainer(nnUNetTrainer):
 
     def _build_aux_seg_loss(self) -> Optional[nn.Module]:
         """nnU-Net's deep-supervision loss (``DeepSupervisionWrapper`` over its ``DC_and_CE_loss``, or
-        ``DC_and_BCE_loss`` for regions, both with nnU-Net's ignore-label handling; its weights
-        1/2^i normalised with the lowest scale at 0) with the full-resolution weight set to 0: the full-resolution
-        output is trained by the flow loss. ``None`` without deep supervision or when no auxiliary weight is left."""
+        ``DC_and_BCE_loss`` for regions, both with nnU-Net's ignore-label handling; its weights 1/2^i normalised
+        with the lowest scale at 0) with the full-resolution weight set to 0: the full-resolution output is trained
+        by the flow loss. ``None`` without deep supervision or when no auxiliary weight is left."""
         if not self.enable_deep_supervision:
             return None
         nnunet_loss = super()._build_loss()
@@ -174,9 +174,10 @@ class MedFlowSegTrainer(nnUNetTrainer):
         t = self.time_sampler.sample(x0.shape[0], device=x0.device)
         c, multilabel = self.flow_config, self.label_manager.has_regions
         moved = own_estimate_rows(t, c.own_estimate_fraction, c.zero_width) if c.own_estimate_fraction else t[:0].long()
+        prior_free = all(getattr(unwrap(self.network), a, False) for a in ("accepts_prior_free", "time_scaled_x_t"))
         path = own_estimate_path(self.path.sample(x0, prior_where_ignored(encoded.x1, x0, encoded.mask), t),
                                  lambda rows: one_step_estimate(self.network, image[rows], x0[rows], c.parameterization,
-                                                                c.logit_scale, multilabel),
+                                                                c.logit_scale, multilabel, prior_free),
                                  c.own_estimate_fraction, c.zero_width, rows=moved)
         raw = self.network(image, path.x_t, t)
         outputs = raw if isinstance(raw, (list, tuple)) else [raw]

@@ -76,10 +76,13 @@ def own_estimate_path(path: PathSample, estimate: OneStepEstimate, fraction: flo
 
 
 def one_step_estimate(network: Callable[..., object], image: Tensor, x0: Tensor, parameterization: str,
-                      logit_scale: float = 5.0, multilabel: bool = False) -> Tensor:
+                      logit_scale: float = 5.0, multilabel: bool = False, prior_free: bool = False) -> Tensor:
     """x̂1 ``[M, K, *S]`` of ``network`` at ``(x0 [M, K, *S], t = 0)`` given ``image [M, C, *S]``; of its first
-    (full-resolution) output when it returns a deep-supervision list."""
+    (full-resolution) output when it returns a deep-supervision list. ``prior_free``: the field sees ``t · x_t``
+    and takes ``x_t=None`` at t = 0 (``VectorFieldUNet.accepts_prior_free``), so it is called without the prior
+    and convolves the image alone — the same output (x̂1 of the ``x1`` output does not depend on x0), without the
+    first convolution's x_t part."""
     t0 = torch.zeros(x0.shape[0], device=x0.device)
-    raw = network(image, x0, t0)
+    raw = network(image, None if prior_free else x0, t0)
     raw = raw[0] if isinstance(raw, (list, tuple)) else raw
     return interpret_output(raw, x0, t0, parameterization, logit_scale, multilabel=multilabel).x1_hat

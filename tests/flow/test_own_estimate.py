@@ -90,6 +90,18 @@ def test_one_step_estimate_is_the_x1_mask_of_the_full_resolution_output():
     assert torch.allclose(regions, 2 * torch.sigmoid(logits) - 1)
 
 
+def test_one_step_estimate_prior_free_calls_the_field_without_the_prior():
+    image, x0, logits = torch.randn(2, 1, 4, 5), torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    seen = {}
+
+    def field(img, x, t):
+        seen.update(x=x)
+        return logits
+
+    x1_hat = one_step_estimate(field, image, x0, "x1", prior_free=True)
+    assert seen["x"] is None and torch.allclose(x1_hat, 2 * torch.softmax(logits, 1) - 1)
+
+
 def test_config_keeps_the_option_and_refuses_it_for_velocity():
     config = FlowMatchingConfig(own_estimate_fraction=0.5)
     assert FlowMatchingConfig.from_dict(config.to_dict()) == config

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from medflowseg_nn.flow.own_estimate import one_step_estimate
 from medflowseg_nn.networks.residual_vector_field_unet import ResidualEncoderVectorFieldUNet
 from medflowseg_nn.networks.vector_field_unet import VectorFieldUNet
 
@@ -65,6 +66,16 @@ def test_the_prior_free_evaluation_is_the_t0_output_for_any_x_t(dim, kind):
         assert torch.allclose(free, scaled(image, x_t, t0), atol=1e-5)
         assert torch.allclose(free, scaled(image, x_t, t0, x_t_projection=scaled.x_t_projection(x_t)), atol=1e-5)
         assert torch.allclose(scaled(image[:1], None, t0[:1]), free[:1], atol=1e-5)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_the_prior_free_own_estimate_is_the_estimate_from_the_prior(dim):
+    """The trainer's own-estimate pass (``one_step_estimate(prior_free=True)``) equals the one from x0."""
+    _, scaled = pair("plain", dim)
+    image, x0 = image_and_x_t(dim, 2, seed=3)
+    with torch.no_grad():
+        free = one_step_estimate(scaled, image, x0, "x1", prior_free=True)
+        assert torch.allclose(free, one_step_estimate(scaled, image, x0, "x1"), atol=1e-5)
 
 
 def test_the_prior_free_evaluation_is_refused_where_x_t_matters():

@@ -6,6 +6,7 @@ initialised as nnU-Net does it (``initialize()``: network, optimizer, loss); the
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -146,7 +147,9 @@ def test_own_estimate_training_feeds_the_network_its_own_one_step_path(planned):
     batch, _ = real_batches(trainer)
     calls = []
     hook = trainer.network.register_forward_hook(
-        lambda m, args, out: calls.append([a.detach().clone() for a in args] + [out[0].detach().clone()]))
+        lambda m, args, out: calls.append([a if a is None else a.detach().clone() for a in args] + [out[0].detach()]))
+    priors, path = [], trainer.path
+    trainer.path = SimpleNamespace(sample=lambda x0, x1, t: priors.append(x0) or path.sample(x0, x1, t))
     for seed in range(20):  # a draw with samples both at t = 0 and at t > 0
         calls.clear()
         torch.manual_seed(seed)
@@ -156,11 +159,13 @@ def test_own_estimate_training_feeds_the_network_its_own_one_step_path(planned):
             break
     hook.remove()
     assert torch.isfinite(losses["loss"])
-    assert all(isinstance(c[3], torch.Tensor) and c[3].shape[0] == c[1].shape[0] for c in calls)  # full-res outputs
+    assert all(isinstance(c[3], torch.Tensor) and c[3].shape[0] == c[0].shape[0] for c in calls)  # full-res outputs
     (image_sub, x0_sub, t0, raw_sub), (image, x_t, t, _) = calls
     picked = torch.nonzero(t > 0).flatten()
-    # the estimate ran on exactly the t > 0 rows, from their prior draw at t = 0 ...
-    assert torch.equal(t0, torch.zeros(picked.numel())) and torch.equal(image_sub, image[picked])
+    # the estimate ran on exactly the t > 0 rows at t = 0, prior-free (the field sees t · x_t: x_t=None; their
+    # prior draw is the one the path got) ...
+    assert torch.equal(t0, torch.zeros(picked.numel())) and torch.equal(image_sub, image[picked]) and x0_sub is None
+    x0_sub = priors[-1][picked]
     # ... and the trained input lies on the line from that draw to the network's own estimate x̂1 = 2 softmax - 1
     tt = t[picked].reshape(-1, *[1] * (x_t.ndim - 1))
     expected = (1 - tt) * x0_sub + tt * (2 * torch.softmax(raw_sub.float(), 1) - 1)
