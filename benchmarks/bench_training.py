@@ -43,7 +43,8 @@ def start_trainer(method: str, args: argparse.Namespace):
     import torch
     name = C.resolve_dataset_name(args.d)
     plans, dataset_json = C.load_plans(name)
-    trainer = C.trainer_for(method, plans, dataset_json, args.configuration, 0, torch.device(args.device))
+    trainer = C.trainer_for(method, plans, dataset_json, args.configuration, 0, torch.device(args.device),
+                            args.ours_trainer)
     trainer.disable_checkpointing = True
     torch.manual_seed(0)
     trainer.on_train_start()
@@ -164,7 +165,7 @@ def run_subprocess(kind: str, configuration: str, method: Optional[str], args: a
     cmd = [sys.executable, os.path.abspath(__file__), "--_worker", kind, "-c", configuration, "-d", args.d,
            "--warmup", str(args.warmup), "--iters", str(args.iters), "--batches", str(args.batches),
            "--mem_steps", str(args.mem_steps), "--profile", str(args.profile), "-device", args.device, "--work", str(args.work),
-           "--threads", str(args.threads),
+           "--threads", str(args.threads), "--ours_trainer", args.ours_trainer,
            "--n_proc_da", args.n_proc_da, "--_result", str(out)] + (["--method", method] if method else []) + (
            ["--tune_malloc"] if args.tune_malloc else [])
     logger.info("running %s", " ".join(cmd))
@@ -215,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_proc_da", default="0", help="nnUNet_n_proc_DA for the workers (default 0: batches are "
                                                     "drawn before timing anyway)")
     C.add_output_args(p, "bench_training.json")
+    p.add_argument("--ours_trainer", default="MedFlowSegTrainer", help="our trainer class: MedFlowSegTrainer or a "
+                   "one-concern variant (e.g. MedFlowSegTrainer_labelPath: no own-estimate pass)")
     p.add_argument("--tune_malloc", action="store_true", help="raise glibc's malloc thresholds in the workers, as "
                    "mfs_train does (medflowseg_nn.cpu_allocator); both trainers of a worker get it")
     p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
@@ -270,7 +273,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 logger.info("%s %s operators by self CPU time:\n%s", cfg, m,
                             runs_all[cfg]["timing"][m]["phases"]["operators"])
     threads = args.threads or os.cpu_count()
-    print(f"\n{name}, {args.device}, {threads} torch thread(s), median of {args.iters} timed iterations after "
+    print(f"\n{name}, ours = {args.ours_trainer}, {args.device}, {threads} torch thread(s), median of {args.iters} timed iterations after "
           f"{args.warmup} warm-up (ABBA-interleaved in one process); memory: separate process per trainer, "
           f"{args.mem_steps} steps\n{table}")
     C.write_json(args.out, {"benchmark": "training", "machine": info, "args": {k: str(v) for k, v in

@@ -142,14 +142,16 @@ def plain_unet_plans(plans: dict) -> dict:
     return plain
 
 
-def trainer_for(method: str, plans: dict, dataset_json: dict, configuration: str, fold: int, device: Any):
-    """``ours`` → MedFlowSegTrainer on our plans; ``nnunet`` → nnUNetTrainer on the PlainConvUNet copy."""
+def trainer_for(method: str, plans: dict, dataset_json: dict, configuration: str, fold: int, device: Any,
+                ours_trainer: str = "MedFlowSegTrainer"):
+    """``ours`` → ``ours_trainer`` (MedFlowSegTrainer or a variant) on our plans; ``nnunet`` → nnUNetTrainer on the
+    PlainConvUNet copy."""
     from medflowseg_nn.plugins import get_trainer_class
     if method not in ("ours", "nnunet"):
         raise ValueError(f"unknown method {method!r}")
     plans = copy.deepcopy(plans) if method == "ours" else plain_unet_plans(plans)
     plans["continue_training"] = False  # nnU-Net 2.8's trainer reads this key (mfs_train's build_trainer sets it)
-    name = "MedFlowSegTrainer" if method == "ours" else "nnUNetTrainer"
+    name = ours_trainer if method == "ours" else "nnUNetTrainer"
     return get_trainer_class(name)(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
                                    device=device)
 
