@@ -64,18 +64,21 @@ def timed_step(trainer, batch, device_type: str) -> tuple[float, float, float]:
 
 
 def phase_times(trainer, batches: list, steps: int, device_type: str) -> dict:
-    """Where one ``train_step`` goes: medians over ``steps`` steps of the network forward, the loss modules'
-    forward (``trainer.loss``, and ours' ``aux_seg_loss``), the optimiser step, and the rest of the step
-    (backward, gradient clipping, target encoding, x_t; by difference), from forward hooks and a wrapped
-    ``optimizer.step``; plus torch.profiler's operators by self CPU time over the same steps."""
+    """Where one ``train_step`` goes: medians over ``steps`` steps of the network forward with gradient, the
+    no-gradient network forwards (``estimate``: ours' own-estimate pass), the loss modules' forward
+    (``trainer.loss``, and ours' ``aux_seg_loss``), the optimiser step, and the rest of the step (backward,
+    gradient clipping, target encoding, x_t; by difference), each summed over its calls within a step, from forward
+    hooks and a wrapped ``optimizer.step``; plus torch.profiler's operators by self CPU time over the same steps."""
     import torch
     from torch.profiler import ProfilerActivity, profile
-    spans: dict[str, list[float]] = {"forward": [], "loss": [], "optimizer": []}
+    spans: dict[str, list[float]] = {"forward": [], "estimate": [], "loss": [], "optimizer": []}
     starts: dict[str, float] = {}
 
     def hooks(module, phase: str) -> list:
-        pre = module.register_forward_pre_hook(lambda *_: starts.__setitem__(phase, time.perf_counter()))
-        post = module.register_forward_hook(lambda *_: spans[phase].append(time.perf_counter() - starts[phase]))
+        def which() -> str:  # a network call without gradient is the own-estimate pass
+            return phase if phase != "forward" or torch.is_grad_enabled() else "estimate"
+        pre = module.register_forward_pre_hook(lambda *_: starts.__setitem__(which(), time.perf_counter()))
+        post = module.register_forward_hook(lambda *_: spans[which()].append(time.perf_counter() - starts[which()]))
         return [pre, post]
 
     handles = hooks(trainer.network, "forward") + [h for name in ("loss", "aux_seg_loss")
@@ -90,18 +93,18 @@ def phase_times(trainer, batches: list, steps: int, device_type: str) -> dict:
         return out
 
     trainer.optimizer.step = timed_optimizer_step
-    walls = []
+    per_step: dict[str, list[float]] = {k: [] for k in ("step", *spans)}
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for i in range(steps):
-            walls.append(timed_step(trainer, batches[i % len(batches)], device_type)[0])
+            marks = {k: len(v) for k, v in spans.items()}
+            per_step["step"].append(timed_step(trainer, batches[i % len(batches)], device_type)[0])
+            for k, v in spans.items():  # a module can run more than once per step (ours: two forwards, two losses)
+                per_step[k].append(sum(v[marks[k]:]))
     trainer.optimizer.step = step
     for h in handles:
         h.remove()
-    per_step = {"step": walls, "forward": spans["forward"], "optimizer": spans["optimizer"],
-                # loss modules can run more than once per step (ours: flow loss and deep-supervision loss)
-                "loss": [sum(spans["loss"][i::steps]) for i in range(steps)] if spans["loss"] else [0.0] * steps}
     res = {f"{k}_s": statistics.median(v) for k, v in per_step.items()}
-    res["rest_s"] = res["step_s"] - res["forward_s"] - res["loss_s"] - res["optimizer_s"]
+    res["rest_s"] = res["step_s"] - sum(res[f"{k}_s"] for k in spans)
     res["operators"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
     return res
 
@@ -164,8 +167,8 @@ def run_subprocess(kind: str, configuration: str, method: Optional[str], args: a
         out = Path(f.name)
     cmd = [sys.executable, os.path.abspath(__file__), "--_worker", kind, "-c", configuration, "-d", args.d,
            "--warmup", str(args.warmup), "--iters", str(args.iters), "--batches", str(args.batches),
-           "--mem_steps", str(args.mem_steps), "--profile", str(args.profile), "-device", args.device, "--work", str(args.work),
-           "--threads", str(args.threads), "--ours_trainer", args.ours_trainer,
+           "--mem_steps", str(args.mem_steps), "--profile", str(args.profile), "-device", args.device,
+           "--work", str(args.work), "--threads", str(args.threads), "--ours_trainer", args.ours_trainer,
            "--n_proc_da", args.n_proc_da, "--_result", str(out)] + (["--method", method] if method else []) + (
            ["--tune_malloc"] if args.tune_malloc else [])
     logger.info("running %s", " ".join(cmd))
@@ -267,15 +270,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                           if k.endswith("_s")}}
                   for cfg in args.configurations for m in METHODS]
         table += "\n\nPhases of train_step (median s over the profiled steps)\n" + C.markdown_table(
-            phases, ["configuration", "trainer", "step_s", "forward_s", "loss_s", "optimizer_s", "rest_s"])
+            phases, ["configuration", "trainer", "step_s", "forward_s", "estimate_s", "loss_s", "optimizer_s",
+                     "rest_s"])
         for cfg in args.configurations:
             for m in METHODS:
                 logger.info("%s %s operators by self CPU time:\n%s", cfg, m,
                             runs_all[cfg]["timing"][m]["phases"]["operators"])
     threads = args.threads or os.cpu_count()
-    print(f"\n{name}, ours = {args.ours_trainer}, {args.device}, {threads} torch thread(s), median of {args.iters} timed iterations after "
-          f"{args.warmup} warm-up (ABBA-interleaved in one process); memory: separate process per trainer, "
-          f"{args.mem_steps} steps\n{table}")
+    print(f"\n{name}, ours = {args.ours_trainer}, {args.device}, {threads} torch thread(s), median of {args.iters} "
+          f"timed iterations after {args.warmup} warm-up (ABBA-interleaved in one process); memory: separate "
+          f"process per trainer, {args.mem_steps} steps\n{table}")
     C.write_json(args.out, {"benchmark": "training", "machine": info, "args": {k: str(v) for k, v in
                                                                                 vars(args).items()},
                             "runs": runs_all, "summary": rows, "table": table})
