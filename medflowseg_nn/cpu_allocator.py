@@ -37,6 +37,8 @@ MMAP_THRESHOLD = 1 << 30
 TRIM_THRESHOLD = (1 << 31) - 1
 ENV_SWITCH = "MFS_TUNE_MALLOC"
 GLIBC_ENV = {"MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD, "MALLOC_TRIM_THRESHOLD_": TRIM_THRESHOLD}
+#: glibc's variable -> its mallopt parameter
+MALLOPT_PARAM = {"MALLOC_MMAP_THRESHOLD_": M_MMAP_THRESHOLD, "MALLOC_TRIM_THRESHOLD_": M_TRIM_THRESHOLD}
 
 
 def glibc() -> Optional[ctypes.CDLL]:
@@ -55,7 +57,8 @@ def tune_cpu_allocator(environ: Optional[MutableMapping[str, str]] = None) -> bo
 
     ``environ``: where the switch is read and the glibc variables are written (``os.environ`` by default).
     Returns whether this process's thresholds were set: ``False`` when switched off (``MFS_TUNE_MALLOC=0``), when
-    the C library is not glibc, or when the user set glibc's variables (then glibc applied theirs at start)."""
+    the C library is not glibc, when the user set glibc's variables (then glibc applied theirs at start), or when
+    ``mallopt`` refused one of them (the other, if accepted, stays raised and is written for the children)."""
     env = os.environ if environ is None else environ
     if env.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
@@ -65,10 +68,10 @@ def tune_cpu_allocator(environ: Optional[MutableMapping[str, str]] = None) -> bo
     libc = glibc()
     if libc is None:
         return False
-    ok = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD,
-                                                                                 TRIM_THRESHOLD))
-    if ok:
-        for name, value in GLIBC_ENV.items():
-            env[name] = str(value)
-    logger.debug("glibc malloc thresholds %s", "raised" if ok else "refused by mallopt; left as they were")
-    return ok
+    # each setting on its own: the children get (through the env) exactly what this process got
+    accepted = {name: bool(libc.mallopt(MALLOPT_PARAM[name], value)) for name, value in GLIBC_ENV.items()}
+    for name, ok in accepted.items():
+        if ok:
+            env[name] = str(GLIBC_ENV[name])
+    logger.debug("glibc malloc thresholds raised: %s", accepted)
+    return all(accepted.values())

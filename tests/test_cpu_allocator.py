@@ -39,6 +39,22 @@ def test_users_glibc_variables_are_kept():
     assert env == {"MALLOC_TRIM_THRESHOLD_": "123"}
 
 
+def test_a_refused_setting_is_not_written_for_the_children(monkeypatch):
+    """mallopt accepting the mmap threshold and refusing the trim one: False, and only the applied one in the env."""
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append(param)
+            return int(param == A.M_MMAP_THRESHOLD)
+
+    monkeypatch.setattr(A, "glibc", FakeLibc)
+    env = {}
+    assert A.tune_cpu_allocator(env) is False
+    assert sorted(calls) == sorted([A.M_MMAP_THRESHOLD, A.M_TRIM_THRESHOLD])
+    assert env == {"MALLOC_MMAP_THRESHOLD_": str(A.MMAP_THRESHOLD)}
+
+
 def run_child(tune: bool) -> dict:
     out = subprocess.run([sys.executable, "-c", CHILD, "1" if tune else "0"], capture_output=True, text=True,
                          check=True)
