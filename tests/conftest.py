@@ -16,13 +16,16 @@ SHARED_DATA = Path(os.environ.get("MFS_SHARED_DATA", REPO_ROOT.parent / "shared"
 
 def set_nnunet_env(root: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     """Create nnUNet_raw / nnUNet_preprocessed / nnUNet_results under ``root``, point the env vars at them, and use
-    2 export workers and single-threaded data augmentation."""
+    2 export workers and single-threaded data augmentation. ``MFS_TUNE_MALLOC=0``: the ``mfs_*`` mains that tests
+    call in this process would otherwise raise its malloc thresholds and write glibc's variables into its
+    environment for every later test (``medflowseg_nn.cpu_allocator``, tested on its own)."""
     paths = {name: root / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
     for name, path in paths.items():
         path.mkdir()
         monkeypatch.setenv(name, str(path))
     monkeypatch.setenv("nnUNet_def_n_proc", "2")
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    monkeypatch.setenv("MFS_TUNE_MALLOC", "0")
     return paths
 
 

@@ -55,6 +55,21 @@ def test_a_refused_setting_is_not_written_for_the_children(monkeypatch):
     assert env == {"MALLOC_MMAP_THRESHOLD_": str(A.MMAP_THRESHOLD)}
 
 
+@pytest.mark.parametrize("command, argv, code", [("predict", ["-i", "in", "-o", "out"], 2),  # no -m / -d
+                                                  ("train", ["4", "3d_fullres", "0", "-device", "cpu"], 0)])
+def test_the_commands_tune_the_allocator_first(command, argv, code, monkeypatch):
+    """``mfs_predict`` / ``mfs_train`` call it before any work (predict: before its first error; train: with the
+    training itself replaced)."""
+    import importlib
+    module = importlib.import_module(f"medflowseg_nn.cli.{command}")
+    calls = []
+    monkeypatch.setattr(module, "tune_cpu_allocator", lambda: calls.append(True) or False)
+    if command == "train":
+        monkeypatch.setattr(module, "run_training", lambda **kw: calls.append("trained"))
+    assert (module.main(argv) or 0) == code
+    assert calls == ([True] if command == "predict" else [True, "trained"])
+
+
 def run_child(tune: bool) -> dict:
     out = subprocess.run([sys.executable, "-c", CHILD, "1" if tune else "0"], capture_output=True, text=True,
                          check=True)
