@@ -138,7 +138,7 @@ class MedFlowSegTrainer(nnUNetTrainer):
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         """Switch the network's list output (nnU-Net switches it off for the final validation and export)."""
         if self.enable_deep_supervision:
-            (self.network.module if self.is_ddp else self.network).set_deep_supervision(enabled)
+            unwrap(self.network).set_deep_supervision(enabled)
 
     def _do_i_compile(self) -> bool:
         return False  # FFTs and complex buffers in FAA; eager mode is what is tested
