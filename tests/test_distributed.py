@@ -30,10 +30,17 @@ def fixed_batch():
     return image, seg, x0, t
 
 
-def one_step(net: torch.nn.Module, rows: slice, ddp: bool) -> None:
+def one_step(net: torch.nn.Module, rows: slice, ddp: bool, paired: bool = False) -> None:
+    """One SGD step on ``rows`` of the fixed batch; ``paired``: as ``MedFlowSegTrainer_pairedImages`` trains, two
+    forwards (the second on the first's detached output) before one backward."""
     image, seg, x0, t = (a[rows] for a in fixed_batch())
     path = LinearPath().sample(x0, segmentation_to_target(seg, CLASSES), t)
-    loss = FlowMatchingLoss("x1", ddp=ddp)(net(image, path.x_t, t), path, seg)["loss"]
+    raw = net(image, path.x_t, t)
+    if paired:
+        second = net(image, 0.5 * x0 + 0.5 * torch.tanh(raw.detach()), torch.full_like(t, 0.5))
+        raw, seg = torch.cat([raw, second]), torch.cat([seg, seg])
+        path = LinearPath().sample(torch.cat([x0, x0]), torch.cat([path.x1, path.x1]), torch.cat([t, t]))
+    loss = FlowMatchingLoss("x1", ddp=ddp)(raw, path, seg)["loss"]
     optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
     loss.backward()
     optimizer.step()
@@ -48,14 +55,14 @@ def make_net() -> VectorFieldUNet:
     return net
 
 
-def rank_main(rank: int, world: int, port: int, out: str) -> None:
+def rank_main(rank: int, world: int, port: int, out: str, paired: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     with process_group(torchrun_environment(), torch.device("cpu")):
         net = DistributedDataParallel(make_net())
         per_rank = GLOBAL_BATCH // world
-        one_step(net, slice(rank * per_rank, (rank + 1) * per_rank), ddp=True)
+        one_step(net, slice(rank * per_rank, (rank + 1) * per_rank), ddp=True, paired=paired)
         assert dist.get_backend() == "gloo"
         if rank == 0:
             torch.save(net.module.state_dict(), out)
@@ -67,12 +74,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_rank_step_equals_single_process_step_on_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("paired", [False, True], ids=["one_forward", "two_forwards"])
+def test_two_rank_step_equals_single_process_step_on_the_whole_batch(tmp_path, paired):
     out = str(tmp_path / "rank0.pth")
-    mp.spawn(rank_main, args=(2, free_port(), out), nprocs=2, join=True)
+    mp.spawn(rank_main, args=(2, free_port(), out, paired), nprocs=2, join=True)
     ddp_params = torch.load(out)
     single = make_net()
-    one_step(single, slice(0, GLOBAL_BATCH), ddp=False)
+    one_step(single, slice(0, GLOBAL_BATCH), ddp=False, paired=paired)
     start = make_net().state_dict()
     moved = 0
     for name, value in single.state_dict().items():

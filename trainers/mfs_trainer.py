@@ -1,18 +1,16 @@
-"""MedFlowSegTrainer: nnU-Net's trainer with a flow-matching objective.
+"""MedFlowSegTrainer: nnU-Net's trainer with a flow-matching objective (``medflowseg_nn.trainers.mfs_trainer``).
 
-Import as ``medflowseg_nn.trainers.mfs_trainer`` (the folder ``trainers/`` is installed under ``medflowseg_nn``).
 Kept from nnU-Net: data loading and augmentation, optimiser and poly LR, logging and progress.png, checkpoints,
-``--c`` / ``--val``, final validation and export. Changed: the network (:class:`VectorFieldUNet`, built from the
-plans), the objective (:class:`FlowMatchingLoss` on x_t = (1 − t) x0 + t x1), validation (pseudo Dice of
-one-step inference from a seeded prior, plus a multi-step Dice on the first batches), the final validation's
-predictor (:class:`MedFlowSegPredictor`), then a temperature fitted on its probabilities (``fold_X/temperature.json``).
+``--c`` / ``--val``, final validation and export. Changed: the network (:class:`VectorFieldUNet` from the plans), the
+objective (:class:`FlowMatchingLoss` on x_t = (1 − t) x0 + t x1), validation (pseudo Dice of one-step inference from
+a seeded prior, plus a multi-step Dice on the first batches), the final validation's predictor
+(:class:`MedFlowSegPredictor`), then a temperature fitted on its probabilities (``fold_X/temperature.json``).
 
-Deep supervision follows the plans (``flow_matching.network.deep_supervision``, on by default): the auxiliary heads
-get nnU-Net's Dice + CE and weights on the t = 0 samples (:meth:`MedFlowSegTrainer._flow_loss`). Label spaces
-follow nnU-Net's label manager: plain labels (softmax), **regions** (``regions_class_order`` in dataset.json: R
-overlapping binary channels, sigmoid per channel, Dice + BCE, pseudo Dice of ``sigmoid > 0.5`` per region) and
-the **ignore label** (``"ignore"`` in dataset.json's labels: ignored voxels add nothing to any loss term, their
-x_t is the prior draw x0 at every t, and the pseudo Dice skips them), also combined (flow.label_space).
+Deep supervision follows the plans (on by default): the auxiliary heads get nnU-Net's Dice + CE and weights on the
+t = 0 samples (:meth:`MedFlowSegTrainer._flow_loss`). Label spaces follow nnU-Net's label manager: plain labels
+(softmax), **regions** (R overlapping binary channels, sigmoid per channel, Dice + BCE, pseudo Dice per region) and
+the **ignore label** (ignored voxels add nothing to any loss, their x_t is the prior draw x0 at every t, the pseudo
+Dice skips them), also combined (flow.label_space).
 """
 from __future__ import annotations
 
@@ -113,8 +111,7 @@ class MedFlowSegTrainer(nnUNetTrainer):
         return network
 
     def initialize(self) -> None:
-        """nnU-Net's, with its DDP wrap made to work for CPU modules (gloo) too."""
-        with nnunet_compat.cpu_capable_ddp():
+        with nnunet_compat.cpu_capable_ddp():  # nnU-Net's DDP wrap, made to work for CPU modules (gloo) too
             super().initialize()
 
     def _build_loss(self) -> nn.Module:
@@ -125,18 +122,16 @@ class MedFlowSegTrainer(nnUNetTrainer):
                                 multilabel=self.label_manager.has_regions)
 
     def _build_aux_seg_loss(self) -> Optional[nn.Module]:
-        """nnU-Net's deep-supervision loss (``DeepSupervisionWrapper`` over its ``DC_and_CE_loss``, or
-        ``DC_and_BCE_loss`` for regions, both with nnU-Net's ignore-label handling; its weights 1/2^i normalised
-        with the lowest scale at 0) with the full-resolution weight set to 0: the full-resolution output is trained
-        by the flow loss. ``None`` without deep supervision or when no auxiliary weight is left."""
+        """nnU-Net's deep-supervision loss (its ``DC_and_CE_loss`` / ``DC_and_BCE_loss`` for regions, its weights
+        and ignore-label handling) with the full-resolution weight 0 (the flow loss trains that output); ``None``
+        without deep supervision or when no auxiliary weight is left."""
         if not self.enable_deep_supervision:
             return None
         nnunet_loss = super()._build_loss()
         weights = (0.0, *nnunet_loss.weight_factors[1:])
         return DeepSupervisionWrapper(nnunet_loss.loss, weights) if any(w != 0 for w in weights) else None
 
-    def set_deep_supervision_enabled(self, enabled: bool) -> None:
-        """Switch the network's list output (nnU-Net switches it off for the final validation and export)."""
+    def set_deep_supervision_enabled(self, enabled: bool) -> None:  # nnU-Net: off for final validation and export
         if self.enable_deep_supervision:
             unwrap(self.network).set_deep_supervision(enabled)
 
@@ -144,8 +139,8 @@ class MedFlowSegTrainer(nnUNetTrainer):
         return False  # FFTs and complex buffers in FAA; eager mode is what is tested
 
     def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint, written to a temporary file and renamed, so that a run killed while saving
-        never leaves a truncated checkpoint behind (``--c`` then resumes from the previous one)."""
+        """nnU-Net's checkpoint, written to a temporary file and renamed: a run killed while saving never leaves a
+        truncated checkpoint (``--c`` resumes from the previous one)."""
         tmp = f"{filename}.tmp"
         super().save_checkpoint(tmp)
         if os.path.isfile(tmp):
@@ -182,19 +177,25 @@ class MedFlowSegTrainer(nnUNetTrainer):
         raw = self.network(image, path.x_t, t)
         outputs = raw if isinstance(raw, (list, tuple)) else [raw]
         losses = self.loss(outputs[0], path, encoded.labels, encoded.mask)
+        at_zero = label_free(t, moved, c.zero_width) if c.aux_on_own_estimate else t <= c.zero_width
+        return self._with_aux_loss(losses, outputs, target, at_zero)
+
+    def _with_aux_loss(self, losses: dict[str, torch.Tensor], outputs: list[torch.Tensor], target: Target,
+                       rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``losses`` plus ``seg_weight`` × nnU-Net's deep-supervision loss of the ``rows`` ``[B]`` (bool) of the heads
+        ``outputs`` (full resolution first) against ``target`` (nnU-Net's list); ``losses`` without DS."""
         if self.aux_seg_loss is None or len(outputs) == 1:
             return losses
-        at_zero = label_free(t, moved, c.zero_width) if c.aux_on_own_estimate else t <= c.zero_width
         # a zero that reaches every head: DDP expects a gradient for each parameter, and nnU-Net's wrapper skips
         # the heads whose weight is 0 (the lowest scale) as well as everything when no sample is at t = 0
         reach_all = sum(0.0 * o.sum() for o in outputs[1:])
-        aux = reach_all + self.aux_seg_loss([o[at_zero] for o in outputs], [s[at_zero] for s in target]) \
-            if bool(at_zero.any()) else reach_all
+        aux = reach_all + self.aux_seg_loss([o[rows] for o in outputs], [s[rows] for s in target]) \
+            if bool(rows.any()) else reach_all
         return {**losses, "loss": losses["loss"] + self.flow_config.seg_weight * aux, "aux": aux.detach()}
 
     def _to_device(self, target: Target) -> Target:
-        to = lambda s: s.to(self.device, non_blocking=True)  # noqa: E731
-        return [to(s) for s in target] if isinstance(target, (list, tuple)) else to(target)
+        return [s.to(self.device, non_blocking=True) for s in target] if isinstance(target, (list, tuple)) \
+            else target.to(self.device, non_blocking=True)
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
@@ -231,9 +232,8 @@ class MedFlowSegTrainer(nnUNetTrainer):
         return {"loss": loss.detach().cpu().numpy()}
 
     def _hard_stats(self, logits: torch.Tensor, target: LabelTarget) -> np.ndarray:
-        """``[3, K-1]`` foreground tp, fp, fn of the argmax of ``logits`` against the target, or ``[3, R]`` of
-        ``sigmoid(logits) > 0.5`` per region, ignored voxels left out — nnU-Net's ``validation_step`` rules,
-        counted by its ``get_tp_fp_fn_tn`` with the ignore mask."""
+        """``[3, K-1]`` foreground tp, fp, fn of the argmax of ``logits`` (``[3, R]``: ``sigmoid > 0.5`` per region),
+        ignored voxels left out: nnU-Net's ``validation_step`` rules and its ``get_tp_fp_fn_tn``."""
         regions = self.label_manager.has_regions
         if regions:
             predicted, reference = (torch.sigmoid(logits.float()) > 0.5).float(), target.labels

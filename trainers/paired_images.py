@@ -1,0 +1,71 @@
+"""MedFlowSegTrainer_pairedImages: each loaded image trained twice per step — at t = 0, and on the sampler's own path
+from that same forward's estimate — so that own-estimate training needs no separate estimate pass.
+
+The default training (``own_estimate_fraction`` 1) spends, per step, a no-gradient forward of the t > 0 rows at
+t = 0 (their one-step estimate x̂1) before the forward + backward of all B rows. In 2d (Hippocampus, batch 277) that
+pass is 1.0 s of an 8.2 s step, the difference between 1.26× and 1.61× nnU-Net's step
+(``benchmarks/RESULTS.md`` 2026-12-05 08:04). Here the data loader yields n = ceil(B / 2) images, and the network's
+batch holds each twice (2n rows, the plans' batch up to rounding)::
+
+    rows 0 … n−1   t = 0, x_t = x0 (prior-free where the field allows)   -> x̂1 (with gradient)
+    rows n … 2n−1  the same images, t from the base time sampler, x_t = (1 − t) x0' + t · x̂1.detach()
+
+Two forwards in sequence (the second needs the first's output), one backward; the loss is the default's over all
+2n rows (the flow loss with the ground truth as target; the deep-supervision heads on the t = 0 rows, and on the
+own-path rows with ``aux_on_own_estimate``). What changes against the default: exactly half of the rows at t = 0
+(the plans' ``zero_fraction`` and ``own_estimate_fraction`` are not drawn per row), half as many distinct images
+per step (and half the data loading and augmentation), and the own-path rows' estimate is taken from the
+training-mode forward (dropout-free networks: the same function) instead of a separate call. Inference is
+unchanged: a model trained this way predicts with the same plans and predictor.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from medflowseg_nn.flow.label_space import prior_where_ignored
+from medflowseg_nn.flow.loss import interpret_output
+from medflowseg_nn.flow.path import MixtureTimeSampler, expand_time
+from medflowseg_nn.pretrained import unwrap
+from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer, Target
+
+
+def twice(x: Target) -> Target:
+    """``x`` ``[n, …]`` stacked on itself ``[2n, …]`` (each tensor of a deep-supervision list)."""
+    return [torch.cat([s, s]) for s in x] if isinstance(x, (list, tuple)) else torch.cat([x, x])
+
+
+class MedFlowSegTrainer_pairedImages(MedFlowSegTrainer):
+    def _set_batch_size_and_oversample(self) -> None:
+        """nnU-Net's batch size (per process under DDP), halved (rounded up) for the data loader: the network's
+        batch holds every loaded image twice."""
+        super()._set_batch_size_and_oversample()
+        self.batch_size = max(1, math.ceil(self.batch_size / 2))
+
+    def _flow_loss(self, image: torch.Tensor, target: Target) -> dict[str, torch.Tensor]:
+        """``image`` ``[n, C, *S]``, ``target`` as the parent's; the losses of the 2n rows (module docstring)."""
+        c, multilabel = self.flow_config, self.label_manager.has_regions
+        n = image.shape[0]
+        target = twice(target)
+        encoded = self.encode_target(target[0] if isinstance(target, (list, tuple)) else target)
+        x0 = torch.randn_like(encoded.x1)
+        base = self.time_sampler.base if isinstance(self.time_sampler, MixtureTimeSampler) else self.time_sampler
+        t = torch.cat([torch.zeros(n, device=x0.device), base.sample(n, device=x0.device)])
+        path = self.path.sample(x0, prior_where_ignored(encoded.x1, x0, encoded.mask), t)
+        prior_free = all(getattr(unwrap(self.network), a, False) for a in ("accepts_prior_free", "time_scaled_x_t"))
+        first = self.network(image, None if prior_free else path.x_t[:n], t[:n])
+        first = first if isinstance(first, (list, tuple)) else [first]
+        x1_hat = interpret_output(first[0].detach(), x0[:n], t[:n], c.parameterization, c.logit_scale,
+                                  multilabel=multilabel).x1_hat.to(x0.dtype)
+        tt = expand_time(t[n:], x1_hat)
+        x_t = torch.cat([path.x_t[:n], (1 - tt) * x0[n:] + tt * x1_hat])
+        second = self.network(image, x_t[n:], t[n:])
+        second = second if isinstance(second, (list, tuple)) else [second]
+        outputs = [torch.cat([a, b]) for a, b in zip(first, second)]
+        losses = self.loss(outputs[0], dataclasses.replace(path, x_t=x_t), encoded.labels, encoded.mask)
+        rows = torch.ones(2 * n, dtype=torch.bool, device=x0.device)
+        if not c.aux_on_own_estimate:
+            rows[n:] = False
+        return self._with_aux_loss(losses, outputs, target, rows)
