@@ -213,13 +213,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     scores.update({f"{rid}+T": RunScores(labels, args.roi_dilation) for rid in temps})
     pred_root = None if args.no_save else args.work / "value_predictions"
     member_ids = [f"nnunet_single_s{s0}" if f == 0 else f"nnunet_f{f}_s{s0}" for f in args.ensemble_folds]
+    # ensemble + T: each member tempered with its own T, fitted on its own fold's validation cases (no case any
+    # member trained on is left for one ensemble T: fold k's validation cases are in the other folds' training)
+    member_temps = {rid: temps[rid] if rid in temps else fit_run_temperature(
+        runs[rid][1], args, sorted(splits[f]["val"])[: args.select_cases], inputs)
+        for f, rid in zip(args.ensemble_folds, member_ids)} if ens_id in scores and not args.no_temperature else {}
+    if member_temps:
+        scores[f"{ens_id}+T"] = RunScores(labels, args.roi_dilation)
+        logger.info("ensemble member temperatures %s", member_temps)
     for i, case in enumerate(test):
         data, props, ref, spacing, img = inputs(case)
-        member_probs, member_s = [], 0.0
+        member_probs, tempered, member_s = [], [], 0.0
         for rid, (row, predictor) in runs.items():
             probs, sec = probabilities(predictor, data, props, args.threads)
             if rid in member_ids:
                 member_probs.append(probs)
+                tempered += [apply_temperature(probs, member_temps[rid])] if member_temps else []
                 member_s += sec
             if row:
                 d = scores[rid].add(case, probs, ref, spacing, sec, pred_root and pred_root / rid, img)
@@ -229,10 +238,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if ens_id in scores:
             scores[ens_id].add(case, np.mean(member_probs, axis=0), ref, spacing, member_s,
                                pred_root and pred_root / ens_id, img)
+        if tempered:
+            scores[f"{ens_id}+T"].add(case, np.mean(tempered, axis=0), ref, spacing, member_s, None, img)
     results: dict[str, list[dict]] = {}
     rows_of = {rid: row for rid, (row, _) in runs.items() if row}
     rows_of[ens_id] = f"nnU-Net ensemble ({len(args.ensemble_folds)} folds, softmax mean)"
-    rows_of.update({f"{rid}+T": f"{rows_of[rid]} + T" for rid in temps})
+    rows_of.update({f"{rid}+T": f"{rows_of[rid]} + T" for rid in [*temps, ens_id]})
     for rid, sc in scores.items():
         results.setdefault(rows_of[rid], []).append({"run": rid, **sc.summary()})
     order = [rows_of[f"nnunet_single_s{s0}"], rows_of[ens_id]] + [f"ours {s[0]}" for s in ours_settings]
@@ -252,6 +263,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": "value", "machine": info, "args": {k: str(v) for k, v in vars(args).items()},
                "test_cases": test, "splits": splits, "selection": args.selection, "temperatures": temps,
+               "ensemble_member_temperatures": member_temps,
                "train_s": {k: v[1] for k, v in models.items()}, "total_s": total_s, "results": results,
                "per_case": {rid: sc.cases for rid, sc in scores.items()}, "head": head, "table_segmentation":
                seg_table, "table_calibration": cal_table}
