@@ -13,7 +13,8 @@ batch holds each twice (2n rows, the plans' batch up to rounding)::
 Two forwards in sequence (the second needs the first's output), one backward; the loss is the default's over all
 2n rows (the flow loss with the ground truth as target; the deep-supervision heads on the t = 0 rows, and on the
 own-path rows with ``aux_on_own_estimate``). What changes against the default: exactly half of the rows at t = 0
-(the plans' ``zero_fraction`` and ``own_estimate_fraction`` are not drawn per row), half as many distinct images
+and every other row on the own path (the class sets ``zero_fraction`` 0.5 and ``own_estimate_fraction`` 1 in the
+plans it saves; they are not drawn per row: t = 0 exactly, ``zero_width`` unused), half as many distinct images
 per step (and half the data loading and augmentation), and the own-path rows' estimate is taken from the
 training-mode forward (dropout-free networks: the same function) instead of a separate call. Inference is
 unchanged: a model trained this way predicts with the same plans and predictor.
@@ -38,6 +39,9 @@ def twice(x: Target) -> Target:
 
 
 class MedFlowSegTrainer_pairedImages(MedFlowSegTrainer):
+    #: what this step trains, written into the plans it saves: half of the rows at t = 0, every other on the own path
+    flow_overrides = {"zero_fraction": 0.5, "own_estimate_fraction": 1.0}
+
     def _set_batch_size_and_oversample(self) -> None:
         """nnU-Net's batch size (per process under DDP), halved (rounded up) for the data loader: the network's
         batch holds every loaded image twice."""

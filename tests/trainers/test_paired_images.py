@@ -20,6 +20,8 @@ def test_twice_stacks_tensors_and_deep_supervision_lists():
 def test_the_loader_yields_half_the_plans_batch_and_the_network_sees_each_image_twice(planned):
     trainer = make_trainer(planned, MedFlowSegTrainer_pairedImages)
     assert trainer.batch_size == math.ceil(trainer.configuration_manager.batch_size / 2)
+    saved = trainer.plans_manager.plans["flow_matching"]  # the plans it saves say what the step trains
+    assert saved["zero_fraction"] == 0.5 and saved["own_estimate_fraction"] == 1.0
     batch, _ = real_batches(trainer)
     image = batch["data"].float()
     n = image.shape[0]
