@@ -142,7 +142,8 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 
 def bench_whole_process(datasets: Sequence[str], num_cases: int, repeats: int, tta: Sequence[str], work: Path,
-                        out: Path, nnunet_workers: Optional[int] = None, allocator_rows: bool = False) -> list[dict]:
+                        out: Path, nnunet_workers: Optional[int] = None, allocator_rows: bool = False,
+                        warmup: int = 1) -> list[dict]:
     C.setup_env(work)
     tools = TOOLS + (ALLOCATOR_TOOLS if allocator_rows else ())
     runs: list[dict] = []
@@ -159,8 +160,9 @@ def bench_whole_process(datasets: Sequence[str], num_cases: int, repeats: int, t
                 return timed_run(command(tool, inputs, target, models[method_of(tool)], setting == "on",
                                          nnunet_workers), tool_env(tool))
 
-            for tool in tools:  # one warm-up run each (page cache, compiled kernels on disk), not counted
-                run(tool)
+            for _ in range(warmup):  # warm-up runs (page cache, compiled kernels on disk), not counted
+                for tool in tools:
+                    run(tool)
             for r in range(repeats):
                 for tool in (tools if r % 2 == 0 else tools[::-1]):
                     wall, rss = run(tool)
@@ -180,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", nargs="+", choices=("on", "off"), default=["off", "on"])
     p.add_argument("--nnunet_workers", type=int, default=None,
                    help="-npp / -nps for nnU-Net's command (default: its own defaults, 3 / 3)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="uncounted runs of each command first (0: where the page cache is known to be warm)")
     p.add_argument("--allocator_rows", action="store_true",
                    help="also nnU-Net with mfs_predict's glibc malloc thresholds and ours without them")
     C.add_output_args(p, "bench_whole_process.json")
@@ -191,7 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     C.setup_logging(args.verbose)
     rows = bench_whole_process(datasets=args.datasets, num_cases=args.num_cases, repeats=args.repeats,
                                tta=args.tta, work=args.work, out=args.out,
-                               nnunet_workers=args.nnunet_workers, allocator_rows=args.allocator_rows)
+                               nnunet_workers=args.nnunet_workers, allocator_rows=args.allocator_rows,
+                               warmup=args.warmup)
     extra = [f"{t}_{c}" for t in ALLOCATOR_TOOLS for c in ("wall_s", "vs_nnunet")] if args.allocator_rows else []
     print(C.markdown_table(rows, ["dataset", "tta", "repeats", "nnunet_wall_s", "ours_wall_s", "wall_ratio",
                                   "pair_ratios", "nnunet_rss_mb", "ours_rss_mb", "rss_ratio", *extra]))
