@@ -11,9 +11,10 @@ minor page faults per forward without this, 0 with it (``benchmarks/RESULTS.md``
 environment variables ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` for child processes (nnU-Net's
 preprocessing and export workers, the augmentation workers), which read them at start. The cost: memory freed by
 the network stays mapped in the process for the next tile, and a heap that holds maps of many sizes fragments, so
-the mmap threshold stays below the largest maps of large volumes (:data:`MMAP_THRESHOLD`). Why not jemalloc or tcmalloc, which PyTorch's CPU tuning guide recommends: they work only through
-``LD_PRELOAD`` before the interpreter starts, which a console script cannot do; ``mallopt`` needs nothing beyond
-glibc and is a no-op elsewhere.
+the mmap threshold stays below the largest maps of large volumes (:data:`MMAP_THRESHOLD`). Why not jemalloc or
+tcmalloc, which PyTorch's CPU tuning guide recommends: they work only through ``LD_PRELOAD`` before the
+interpreter starts, which a console script cannot do; ``mallopt`` needs nothing beyond glibc and is a no-op
+elsewhere.
 
 Only the ``mfs_*`` commands call it (a library import never changes a process's allocator). Off with
 ``MFS_TUNE_MALLOC=0``; glibc variables the user already set are kept as they are.
@@ -34,7 +35,7 @@ M_MMAP_THRESHOLD = -3
 #: blocks below this come from the heap: every map of a Hippocampus tile (≤ ~12 MiB) and a LeftAtrium tile's
 #: lower stages (≤ ~55 MiB); its full-resolution maps (~210 MiB) stay mmap-backed. Kept in the heap (1 GiB, and
 #: 256 MiB alike) they fragmented it over TTA's 8 mirrored calls: LeftAtrium peak RSS 1.28–1.35× nnU-Net's
-#: predictor, 1.14× at 64 MiB (``benchmarks/RESULTS.md`` 2026-12-05 09:39)
+#: predictor, 1.11–1.14× at 64 MiB (``benchmarks/RESULTS.md`` 2026-12-05 09:39 and 11:07)
 MMAP_THRESHOLD = 64 << 20
 #: free memory at the top of the heap kept rather than returned (glibc's int range)
 TRIM_THRESHOLD = (1 << 31) - 1

@@ -32,7 +32,8 @@ from medflowseg_nn import nnunet_compat
 from medflowseg_nn.config import PLANS_KEY, FlowMatchingConfig
 from medflowseg_nn.flow.label_space import LabelTarget, encode_labels, encode_regions, prior_where_ignored
 from medflowseg_nn.flow.loss import FlowMatchingLoss, interpret_output
-from medflowseg_nn.flow.own_estimate import label_free, one_step_estimate, own_estimate_path, own_estimate_rows
+from medflowseg_nn.flow.own_estimate import (label_free, one_step_estimate, own_estimate_path, own_estimate_rows,
+                                             takes_prior_free)
 from medflowseg_nn.flow.path import LinearPath
 from medflowseg_nn.flow.solver import sample_prior
 from medflowseg_nn.inference.predictor import MedFlowSegPredictor
@@ -159,39 +160,38 @@ class MedFlowSegTrainer(nnUNetTrainer):
 
     def _flow_loss(self, image: torch.Tensor, target: Target) -> dict[str, torch.Tensor]:
         """``image`` ``[B, C, *S]``; ``target`` ``[B, 1, *S]`` (regions: ``[B, R (+1), *S]``) or the
-        deep-supervision list (full resolution first). Flow loss on the full-resolution output; with deep
-        supervision, plus ``seg_weight`` times the auxiliary Dice + CE of the samples drawn at t = 0 (t ≤
-        ``zero_width``): there the output is the one-step estimate from the image alone, while on the label's
-        path at t > 0 the label is visible in x_t and a head could copy it (``aux_on_own_estimate``: also of the
-        samples moved onto the sampler's own path)."""
+        deep-supervision list (full resolution first). Flow loss on the full-resolution output, plus the
+        deep-supervision term of :meth:`_with_aux_loss`."""
         encoded = self.encode_target(target[0] if isinstance(target, (list, tuple)) else target)
         x0 = torch.randn_like(encoded.x1)
         t = self.time_sampler.sample(x0.shape[0], device=x0.device)
         c, multilabel = self.flow_config, self.label_manager.has_regions
         moved = own_estimate_rows(t, c.own_estimate_fraction, c.zero_width) if c.own_estimate_fraction else t[:0].long()
-        prior_free = all(getattr(unwrap(self.network), a, False) for a in ("accepts_prior_free", "time_scaled_x_t"))
+        prior_free = takes_prior_free(unwrap(self.network))
         path = own_estimate_path(self.path.sample(x0, prior_where_ignored(encoded.x1, x0, encoded.mask), t),
                                  lambda rows: one_step_estimate(self.network, image[rows], x0[rows], c.parameterization,
                                                                 c.logit_scale, multilabel, prior_free),
                                  c.own_estimate_fraction, c.zero_width, rows=moved)
         raw = self.network(image, path.x_t, t)
         outputs = raw if isinstance(raw, (list, tuple)) else [raw]
-        losses = self.loss(outputs[0], path, encoded.labels, encoded.mask)
-        at_zero = label_free(t, moved, c.zero_width) if c.aux_on_own_estimate else t <= c.zero_width
-        return self._with_aux_loss(losses, outputs, target, at_zero)
+        return self._with_aux_loss(self.loss(outputs[0], path, encoded.labels, encoded.mask), outputs, target, t, moved)
 
     def _with_aux_loss(self, losses: dict[str, torch.Tensor], outputs: list[torch.Tensor], target: Target,
-                       rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``losses`` plus ``seg_weight`` × nnU-Net's deep-supervision loss of the ``rows`` ``[B]`` (bool) of the heads
-        ``outputs`` (full resolution first) against ``target`` (nnU-Net's list); ``losses`` without DS."""
+                       t: torch.Tensor, moved: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``losses`` plus ``seg_weight`` × nnU-Net's deep-supervision loss of the heads ``outputs`` (full resolution
+        first) against ``target`` (its list) on the rows drawn at t = 0 (with ``aux_on_own_estimate`` also the rows
+        ``moved`` ``[M]`` onto the own path: :func:`label_free`); ``losses`` without DS. At t = 0 the output is the
+        one-step estimate from the image alone; on the label's path at t > 0 a head could copy the label from x_t."""
         if self.aux_seg_loss is None or len(outputs) == 1:
             return losses
+        c = self.flow_config
+        rows = label_free(t, moved, c.zero_width) if c.aux_on_own_estimate else t <= c.zero_width
         # a zero that reaches every head: DDP expects a gradient for each parameter, and nnU-Net's wrapper skips
         # the heads whose weight is 0 (the lowest scale) as well as everything when no sample is at t = 0
         reach_all = sum(0.0 * o.sum() for o in outputs[1:])
         aux = reach_all + self.aux_seg_loss([o[rows] for o in outputs], [s[rows] for s in target]) \
             if bool(rows.any()) else reach_all
-        return {**losses, "loss": losses["loss"] + self.flow_config.seg_weight * aux, "aux": aux.detach()}
+        return {**losses, "loss": losses["loss"] + c.seg_weight * aux, "aux": aux.detach()}
 
     def _to_device(self, target: Target) -> Target:
         return [s.to(self.device, non_blocking=True) for s in target] if isinstance(target, (list, tuple)) \

@@ -21,14 +21,14 @@ unchanged: a model trained this way predicts with the same plans and predictor.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 
 from medflowseg_nn.flow.label_space import prior_where_ignored
 from medflowseg_nn.flow.loss import interpret_output
-from medflowseg_nn.flow.path import MixtureTimeSampler, expand_time
+from medflowseg_nn.flow.own_estimate import own_estimate_path, takes_prior_free
+from medflowseg_nn.flow.path import MixtureTimeSampler
 from medflowseg_nn.pretrained import unwrap
 from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer, Target
 
@@ -58,18 +58,13 @@ class MedFlowSegTrainer_pairedImages(MedFlowSegTrainer):
         base = self.time_sampler.base if isinstance(self.time_sampler, MixtureTimeSampler) else self.time_sampler
         t = torch.cat([torch.zeros(n, device=x0.device), base.sample(n, device=x0.device)])
         path = self.path.sample(x0, prior_where_ignored(encoded.x1, x0, encoded.mask), t)
-        prior_free = all(getattr(unwrap(self.network), a, False) for a in ("accepts_prior_free", "time_scaled_x_t"))
-        first = self.network(image, None if prior_free else path.x_t[:n], t[:n])
+        first = self.network(image, None if takes_prior_free(unwrap(self.network)) else path.x_t[:n], t[:n])
         first = first if isinstance(first, (list, tuple)) else [first]
-        x1_hat = interpret_output(first[0].detach(), x0[:n], t[:n], c.parameterization, c.logit_scale,
-                                  multilabel=multilabel).x1_hat.to(x0.dtype)
-        tt = expand_time(t[n:], x1_hat)
-        x_t = torch.cat([path.x_t[:n], (1 - tt) * x0[n:] + tt * x1_hat])
-        second = self.network(image, x_t[n:], t[n:])
+        moved = torch.arange(n, 2 * n, device=x0.device)  # the second copies, onto the path to the first's x̂1
+        path = own_estimate_path(path, lambda rows: interpret_output(first[0], x0[:n], t[:n], c.parameterization,
+                                                                     c.logit_scale, multilabel=multilabel).x1_hat,
+                                 1.0, rows=moved)
+        second = self.network(image, path.x_t[n:], t[n:])
         second = second if isinstance(second, (list, tuple)) else [second]
         outputs = [torch.cat([a, b]) for a, b in zip(first, second)]
-        losses = self.loss(outputs[0], dataclasses.replace(path, x_t=x_t), encoded.labels, encoded.mask)
-        rows = torch.ones(2 * n, dtype=torch.bool, device=x0.device)
-        if not c.aux_on_own_estimate:
-            rows[n:] = False
-        return self._with_aux_loss(losses, outputs, target, rows)
+        return self._with_aux_loss(self.loss(outputs[0], path, encoded.labels, encoded.mask), outputs, target, t, moved)

@@ -75,6 +75,12 @@ def own_estimate_path(path: PathSample, estimate: OneStepEstimate, fraction: flo
     return dataclasses.replace(path, x_t=x_t)
 
 
+def takes_prior_free(network: object) -> bool:
+    """Whether ``network`` (unwrapped from DDP) may be called with ``x_t=None`` at t = 0 for the same output: it
+    sees ``t · x_t`` (``time_scaled_x_t``) and accepts ``None`` (``VectorFieldUNet.accepts_prior_free``)."""
+    return all(getattr(network, a, False) for a in ("accepts_prior_free", "time_scaled_x_t"))
+
+
 def one_step_estimate(network: Callable[..., object], image: Tensor, x0: Tensor, parameterization: str,
                       logit_scale: float = 5.0, multilabel: bool = False, prior_free: bool = False) -> Tensor:
     """x̂1 ``[M, K, *S]`` of ``network`` at ``(x0 [M, K, *S], t = 0)`` given ``image [M, C, *S]``; of its first
