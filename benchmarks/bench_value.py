@@ -5,19 +5,20 @@ a 5-fold split (nnU-Net's ``generate_crossval_split``, seed 12345) written to ``
 preprocessed folder. Same plans for all (MedFlowSegPlans with ``batch_size`` set to ``--batch_size``; nnU-Net
 trains on their PlainConvUNet copy, ``common.plain_unet_plans``), ``--epochs`` x ``--iterations_per_epoch``.
 Models: nnU-Net fold 0 for every seed in ``--seeds``, nnU-Net folds ``--ensemble_folds`` (first seed; fold 0 is
-shared); ours (``--ours_trainer``) fold 0 for every seed. The seed sets torch/numpy before training (network
-init); augmentation workers are not seeded. Trained weights are cached in ``WORK/value_models`` (rerun = predict).
+shared); ours (``--ours_trainer``) fold 0 for every seed, and folds ``--ours_ensemble_folds`` (first seed). The
+seed sets torch/numpy before training (network init); augmentation workers are not seeded. Trained weights are
+cached in ``WORK/value_models`` (rerun = predict).
 
-Inference, TTA off, from the raw images: nnU-Net single = nnUNetPredictor; ensemble = mean of the members'
-softmax probabilities in the raw geometry; ours = MedFlowSegPredictor (prior seed 0) with 1 Euler step (K=1),
-Euler N=2, N=4, Heun N=2, K=4 samples at 1 step, and K=4 at the best setting among those multi-step ones. "Best"
-is chosen by mean Dice on ``--select_cases`` of fold 0's VALIDATION cases with the first seed's model, never on
-the test set. Metrics per run: mean foreground Dice and HD95 (``medflowseg_nn.evaluation``; Dice from the argmax
-of the probabilities), calibration (``medflowseg_nn.calibration``: ECE 15 bins, Brier, NLL, AURC) pooled over all
-test voxels and over the reference ROI (foreground dilated by ``--roi_dilation`` voxels, cube), Spearman between a
-case's mean predictive entropy (ROI / all) and 1 - its mean foreground Dice, and network seconds per case
-(``predict_logits_from_preprocessed_data``; the ensemble's is the sum of its members'). Tables: mean over seeds
-with the min-max spread in brackets.
+Inference, TTA off, from the raw images: nnU-Net single = nnUNetPredictor; ensemble = mean of the members' softmax
+probabilities in the raw geometry (``value_ensemble``; ours's fold ensemble likewise, members at one step); ours =
+MedFlowSegPredictor (prior seed 0) with 1 Euler step (K=1), Euler N=2, N=4, Heun N=2, K=4 samples at 1 step, and K=4
+at the best setting among those multi-step ones. "Best" is chosen by mean Dice on ``--select_cases`` of fold 0's
+VALIDATION cases with the first seed's model, never on the test set. Metrics per run: mean foreground Dice and HD95
+(``medflowseg_nn.evaluation``; Dice from the argmax of the probabilities), calibration
+(``medflowseg_nn.calibration``: ECE 15 bins, Brier, NLL, AURC) pooled over all test voxels and over the reference
+ROI (foreground dilated by ``--roi_dilation`` voxels, cube), Spearman between a case's mean predictive entropy (ROI
+/ all) and 1 - its mean foreground Dice, and network seconds per case (``predict_logits_from_preprocessed_data``;
+the ensemble's is the sum of its members'). Tables: mean over seeds with the min-max spread in brackets.
 
     python benchmarks/bench_value.py --work /work/bench_work                  # ~1 h on 2 CPU cores
     python benchmarks/bench_value.py --epochs 1 --iterations_per_epoch 2 --max_test_cases 3 --select_cases 2
@@ -38,6 +39,7 @@ if __package__ in (None, ""):
     import sys
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
+from value_ensemble import fold_ensemble  # noqa: E402
 from value_models import prepare, train_or_load  # noqa: E402
 from value_report import RunScores, tables  # noqa: E402
 
@@ -135,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--ensemble_folds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--ours_trainer", default="MedFlowSegTrainer", help="trainer class name")
+    p.add_argument("--ours_ensemble_folds", type=int, nargs="*", default=[],
+                   help="folds of ours (first seed, one step) whose mean is the 'ours ensemble' row; none: no row")
     p.add_argument("--flow", nargs="*", default=[], metavar="KEY=VALUE",
                    help="set keys of the plans' flow_matching block for our models (dots for the network block: "
                         "network.time_scaled_x_t=true); they become part of our models' cache names")
@@ -170,6 +174,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             models[f"nnunet_f{fold}_s{s0}"] = train_or_load("nnunet", fold, s0, args, plans, dataset_json)
     for seed in args.seeds:
         models[f"ours_f0_s{seed}"] = train_or_load("ours", 0, seed, args, plans, dataset_json)
+    for fold in args.ours_ensemble_folds:
+        if f"ours_f{fold}_s{s0}" not in models:
+            models[f"ours_f{fold}_s{s0}"] = train_or_load("ours", fold, s0, args, plans, dataset_json)
     train_done = time.perf_counter()
 
     any_trainer = models[f"ours_f0_s{s0}"][0]
@@ -200,53 +207,51 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for label, solver, steps, k in ours_settings:
             runs[f"ours_{label}_s{seed}".replace(" ", "_")] = (
                 f"ours {label}", make_predictor(models[f"ours_f0_s{seed}"][0], "ours", args, solver, steps, k))
+    for fold in args.ours_ensemble_folds:
+        if fold != 0:  # fold 0 of the first seed is the "ours 1 step" run
+            runs[f"ours_f{fold}_s{s0}"] = ("", make_predictor(models[f"ours_f{fold}_s{s0}"][0], "ours", args))
     # temperature scaling (+ T rows): one T per run, fitted on the selection cases (fold-0 validation)
     calibrated = {"nnU-Net single (fold 0)", "ours 1 step", "ours K=4 1 step", f"ours K=4 {best_name}"}
     temps = {rid: fit_run_temperature(pred, args, sel_cases, inputs) for rid, (row, pred) in runs.items()
              if row in calibrated and not args.no_temperature}
     args.temperatures = temps
     logger.info("temperatures %s", temps)
-    ens_id = f"nnunet_ensemble_{len(args.ensemble_folds)}folds"
     scores = {rid: RunScores(labels, args.roi_dilation) for rid, (row, _) in runs.items() if row}
-    if len(args.ensemble_folds) > 1:  # an "ensemble" of one fold is the single model: no row
-        scores[ens_id] = RunScores(labels, args.roi_dilation)
     scores.update({f"{rid}+T": RunScores(labels, args.roi_dilation) for rid in temps})
+    fit = None if args.no_temperature else (lambda rid, fold: fit_run_temperature(
+        runs[rid][1], args, sorted(splits[fold]["val"])[: args.select_cases], inputs))
+    ensembles = [fold_ensemble(f"{method}_ensemble_{len(folds)}folds", f"{title} ({len(folds)} folds, {how})", folds,
+                               member, temps, fit)
+                 for method, title, how, folds, member in [
+                     ("nnunet", "nnU-Net ensemble", "softmax mean", args.ensemble_folds,
+                      lambda f: f"nnunet_single_s{s0}" if f == 0 else f"nnunet_f{f}_s{s0}"),
+                     ("ours", "ours ensemble", "1 step each, mean", args.ours_ensemble_folds,
+                      lambda f: f"ours_1_step_s{s0}" if f == 0 else f"ours_f{f}_s{s0}")]
+                 if len(folds) > 1]  # an "ensemble" of one fold is the single model: no row
+    for ens in ensembles:
+        scores.update({sid: RunScores(labels, args.roi_dilation) for sid in ens.score_ids()})
+        logger.info("%s member temperatures %s", ens.run_id, dict(ens.temperatures))
     pred_root = None if args.no_save else args.work / "value_predictions"
-    member_ids = [f"nnunet_single_s{s0}" if f == 0 else f"nnunet_f{f}_s{s0}" for f in args.ensemble_folds]
-    # ensemble + T: each member tempered with its own T, fitted on its own fold's validation cases (no case any
-    # member trained on is left for one ensemble T: fold k's validation cases are in the other folds' training)
-    member_temps = {rid: temps[rid] if rid in temps else fit_run_temperature(
-        runs[rid][1], args, sorted(splits[f]["val"])[: args.select_cases], inputs)
-        for f, rid in zip(args.ensemble_folds, member_ids)} if ens_id in scores and not args.no_temperature else {}
-    if member_temps:
-        scores[f"{ens_id}+T"] = RunScores(labels, args.roi_dilation)
-        logger.info("ensemble member temperatures %s", member_temps)
     for i, case in enumerate(test):
         data, props, ref, spacing, img = inputs(case)
-        member_probs, tempered, member_s = [], [], 0.0
+        outputs = {}
         for rid, (row, predictor) in runs.items():
-            probs, sec = probabilities(predictor, data, props, args.threads)
-            if rid in member_ids:
-                member_probs.append(probs)
-                tempered += [apply_temperature(probs, member_temps[rid])] if member_temps else []
-                member_s += sec
+            probs, sec = outputs[rid] = probabilities(predictor, data, props, args.threads)
             if row:
                 d = scores[rid].add(case, probs, ref, spacing, sec, pred_root and pred_root / rid, img)
                 logger.info("%s [%d/%d] %s: Dice %.3f, %.2f s", case, i + 1, len(test), rid, d, sec)
             if rid in temps:
                 scores[f"{rid}+T"].add(case, apply_temperature(probs, temps[rid]), ref, spacing, sec, None, img)
-        if ens_id in scores:
-            scores[ens_id].add(case, np.mean(member_probs, axis=0), ref, spacing, member_s,
-                               pred_root and pred_root / ens_id, img)
-        if tempered:
-            scores[f"{ens_id}+T"].add(case, np.mean(tempered, axis=0), ref, spacing, member_s, None, img)
+        for ens in ensembles:
+            ens.add(case, outputs, scores, ref, spacing, pred_root, img)
     results: dict[str, list[dict]] = {}
     rows_of = {rid: row for rid, (row, _) in runs.items() if row}
-    rows_of[ens_id] = f"nnU-Net ensemble ({len(args.ensemble_folds)} folds, softmax mean)"
-    rows_of.update({f"{rid}+T": f"{rows_of[rid]} + T" for rid in [*temps, ens_id]})
+    rows_of.update({ens.run_id: ens.row for ens in ensembles})
+    rows_of.update({f"{rid}+T": f"{rows_of[rid]} + T" for rid in [*temps, *(e.run_id for e in ensembles)]})
     for rid, sc in scores.items():
         results.setdefault(rows_of[rid], []).append({"run": rid, **sc.summary()})
-    order = [rows_of[f"nnunet_single_s{s0}"], rows_of[ens_id]] + [f"ours {s[0]}" for s in ours_settings]
+    order = ([rows_of[f"nnunet_single_s{s0}"]] + [e.row for e in ensembles if e.run_id.startswith("nnunet")]
+             + [f"ours {s[0]}" for s in ours_settings] + [e.row for e in ensembles if e.run_id.startswith("ours")])
     order = [r for m in order for r in (m, f"{m} + T") if r in results]
     results = {m: results[m] for m in order}
     seg_table, cal_table = tables(results)
@@ -263,7 +268,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": "value", "machine": info, "args": {k: str(v) for k, v in vars(args).items()},
                "test_cases": test, "splits": splits, "selection": args.selection, "temperatures": temps,
-               "ensemble_member_temperatures": member_temps,
+               "ensemble_member_temperatures": {e.run_id: dict(e.temperatures) for e in ensembles},
                "train_s": {k: v[1] for k, v in models.items()}, "total_s": total_s, "results": results,
                "per_case": {rid: sc.cases for rid, sc in scores.items()}, "head": head, "table_segmentation":
                seg_table, "table_calibration": cal_table}
