@@ -12,7 +12,7 @@ cached in ``WORK/value_models`` (rerun = predict).
 Inference, TTA off, from the raw images: nnU-Net single = nnUNetPredictor; ensemble = mean of the members' softmax
 probabilities in the raw geometry (``value_ensemble``; ours's fold ensemble likewise, members at one step); ours =
 MedFlowSegPredictor (prior seed 0) with 1 Euler step (K=1), Euler N=2, N=4, Heun N=2, K=4 samples at 1 step, and K=4
-at the best setting among those multi-step ones. "Best" is chosen by mean Dice on ``--select_cases`` of fold 0's
+at the best setting among those multi-step ones (and with ``--hypotheses``, K=4 there with drawn hypotheses). "Best" is chosen by mean Dice on ``--select_cases`` of fold 0's
 VALIDATION cases with the first seed's model, never on the test set. Metrics per run: mean foreground Dice and HD95
 (``medflowseg_nn.evaluation``; Dice from the argmax of the probabilities), calibration
 (``medflowseg_nn.calibration``: ECE 15 bins, Brier, NLL, AURC) pooled over all test voxels and over the reference
@@ -63,7 +63,7 @@ def write_splits(folder: Path, cases: list[str], n_test: int) -> tuple[list[str]
 
 
 def make_predictor(trainer, method: str, args: argparse.Namespace, solver: str = "euler", steps: int = 1,
-                   k: int = 1):
+                   k: int = 1, hypotheses: str = "mean"):
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from medflowseg_nn.inference.predictor import MedFlowSegPredictor
@@ -73,7 +73,8 @@ def make_predictor(trainer, method: str, args: argparse.Namespace, solver: str =
     kw = dict(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, perform_everything_on_device=True,
               device=torch.device(args.device), verbose=False, allow_tqdm=False)
     predictor = (nnUNetPredictor(**kw) if method == "nnunet" else
-                 MedFlowSegPredictor(**kw, steps=steps, solver=solver, seed=0, num_samples=k))
+                 MedFlowSegPredictor(**kw, steps=steps, solver=solver, seed=0, num_samples=k,
+                                     hypotheses=hypotheses))
     predictor.manual_initialization(network, trainer.plans_manager, trainer.configuration_manager,
                                     [network.state_dict()], trainer.dataset_json, type(trainer).__name__,
                                     trainer.inference_allowed_mirroring_axes)
@@ -97,7 +98,7 @@ def select_setting(trainer, args: argparse.Namespace, cases: list[str], inputs) 
     """The multi-step single-sample setting with the best mean Dice on fold-0 VALIDATION cases (ties: cheaper)."""
     from medflowseg_nn.evaluation import dice
     scores = {}
-    for name, solver, steps, _ in SINGLE[1:]:
+    for name, solver, steps, *_ in SINGLE[1:]:
         pred = make_predictor(trainer, "ours", args, solver, steps)
         d = []
         for case in cases:
@@ -109,7 +110,7 @@ def select_setting(trainer, args: argparse.Namespace, cases: list[str], inputs) 
     best = max(scores, key=scores.get)  # dict order = cost order; max keeps the first of equal scores
     logger.info("validation Dice per setting %s -> K=4 at %s", scores, best)
     args.selection = {"cases": cases, "dice": scores, "best": best}
-    return next((n, s, st) for n, s, st, _ in SINGLE if n == best)
+    return next((n, s, st) for n, s, st, *_ in SINGLE if n == best)
 
 
 def fit_run_temperature(predictor, args: argparse.Namespace, cases: list[str], inputs) -> float:
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--ensemble_folds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--ours_trainer", default="MedFlowSegTrainer", help="trainer class name")
+    p.add_argument("--hypotheses", nargs="*", default=[], choices=["voxel", "level"],
+                   help="rows of ours with K=4 drawn hypotheses (mfs_predict --hypotheses) at the picked setting")
     p.add_argument("--ours_ensemble_folds", type=int, nargs="*", default=[],
                    help="folds of ours (first seed, one step) whose mean is the 'ours ensemble' row; none: no row")
     p.add_argument("--flow", nargs="*", default=[], metavar="KEY=VALUE",
@@ -196,6 +199,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ours_settings = SINGLE + [("K=4 1 step", "euler", 1, 4)]
     if best_name != "1 step":
         ours_settings.append((f"K=4 {best_name}", best_solver, best_steps, 4))
+    drawn = (best_name, best_solver, best_steps) if best_name != "1 step" else ("Euler N=2", "euler", 2)
+    ours_settings += [(f"K=4 {drawn[0]} {h}", *drawn[1:], 4, h) for h in args.hypotheses]
     runs: dict[str, tuple[str, Any]] = {}  # run id -> (method row, predictor or member list)
     for seed in args.seeds:
         runs[f"nnunet_single_s{seed}"] = ("nnU-Net single (fold 0)",
@@ -204,14 +209,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if fold != 0:  # fold 0 of the first seed is the single-model run
             runs[f"nnunet_f{fold}_s{s0}"] = ("", make_predictor(models[f"nnunet_f{fold}_s{s0}"][0], "nnunet", args))
     for seed in args.seeds:
-        for label, solver, steps, k in ours_settings:
-            runs[f"ours_{label}_s{seed}".replace(" ", "_")] = (
-                f"ours {label}", make_predictor(models[f"ours_f0_s{seed}"][0], "ours", args, solver, steps, k))
+        for label, solver, steps, k, *drawn_from in ours_settings:
+            runs[f"ours_{label}_s{seed}".replace(" ", "_")] = (f"ours {label}", make_predictor(
+                models[f"ours_f0_s{seed}"][0], "ours", args, solver, steps, k, *drawn_from))
     for fold in args.ours_ensemble_folds:
         if fold != 0:  # fold 0 of the first seed is the "ours 1 step" run
             runs[f"ours_f{fold}_s{s0}"] = ("", make_predictor(models[f"ours_f{fold}_s{s0}"][0], "ours", args))
     # temperature scaling (+ T rows): one T per run, fitted on the selection cases (fold-0 validation)
-    calibrated = {"nnU-Net single (fold 0)", "ours 1 step", "ours K=4 1 step", f"ours K=4 {best_name}"}
+    calibrated = {"nnU-Net single (fold 0)", "ours 1 step", "ours K=4 1 step", f"ours K=4 {best_name}",
+                  *(f"ours K=4 {drawn[0]} {h}" for h in args.hypotheses)}
     temps = {rid: fit_run_temperature(pred, args, sel_cases, inputs) for rid, (row, pred) in runs.items()
              if row in calibrated and not args.no_temperature}
     args.temperatures = temps

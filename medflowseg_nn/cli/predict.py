@@ -32,6 +32,7 @@ from medflowseg_nn.cli.common import cli_errors, dataset_name, pick_device, requ
 from medflowseg_nn.cli.train import DEFAULT_PLANS, DEFAULT_TRAINER
 from medflowseg_nn.cpu_allocator import tune_cpu_allocator
 from medflowseg_nn.errors import UserError
+from medflowseg_nn.inference.sampler import HYPOTHESES
 
 
 
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prior seed (default: plans, 0); sample k uses seed + k; same seed = identical output")
     p.add_argument("--num_samples", type=int, default=1,
                    help="K flows per patch from K seeded priors, probabilities averaged")
+    p.add_argument("--hypotheses", choices=HYPOTHESES, default="mean",
+                   help="with --steps >= 2: each step before the last moves towards the estimate ('mean') or towards a "
+                        "segmentation drawn from it, per voxel ('voxel') or one level set per sample ('level'), so "
+                        "that the K samples differ where the model is unsure")
     p.add_argument("--no_temperature", action="store_true",
                    help="do not divide the logits by the folds' fitted temperatures (fold_X/temperature.json)")
     p.add_argument("--save_probabilities", action="store_true",
@@ -113,7 +118,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     settings = PredictionSettings(
         folds=None if args.f is None else tuple(args.f), checkpoint=args.chk, step_size=args.step_size,
         disable_tta=args.disable_tta, device=pick_device(args.device), steps=args.steps, solver=args.solver,
-        seed=args.seed, num_samples=args.num_samples, use_temperature=not args.no_temperature,
+        seed=args.seed, num_samples=args.num_samples, hypotheses=args.hypotheses,
+        use_temperature=not args.no_temperature,
         overwrite=args.overwrite,
         num_processes_preprocessing=args.npp, num_processes_export=args.nps, verbose=args.verbose,
         num_parts=args.num_parts, part_id=args.part_id)

@@ -120,3 +120,18 @@ def target_to_logits(x: Tensor, eps: float = 1e-4, multilabel: bool = False) -> 
         return target_to_log_probabilities(x, eps)
     p = target_to_probabilities(x, eps, multilabel=True)
     return torch.log(p) - torch.log1p(-p)
+
+
+def draw_target(x: Tensor, uniform: Tensor, multilabel: bool = False) -> Tensor:
+    """A segmentation drawn from the soft estimate ``x`` ``[B, K, *S]`` (about [-1, 1]), in the flow's label space
+    ({-1, 1}, ``x``'s shape and dtype). Classes: per voxel the first class whose cumulative probability
+    (:func:`target_to_probabilities`) exceeds ``uniform``; regions: each channel where its probability exceeds
+    ``uniform``. ``uniform`` ``[B, 1, *S]`` in [0, 1), or broadcastable to it: one value per voxel draws every voxel
+    independently (probability p of each class), one value per patch ``[B, 1, 1, ...]`` draws a level set of
+    the probability map (the same quantile everywhere, spatially coherent)."""
+    p = target_to_probabilities(x, multilabel=multilabel)
+    u = uniform.to(p.dtype)
+    if multilabel:
+        return torch.where(p > u, 1.0, -1.0).to(x.dtype)
+    labels = (p.cumsum(1) <= u).sum(1).clamp_max(p.shape[1] - 1)
+    return (2 * F.one_hot(labels, p.shape[1]).movedim(-1, 1) - 1).to(x.dtype)

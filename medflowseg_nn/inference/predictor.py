@@ -27,7 +27,7 @@ from medflowseg_nn import nnunet_compat
 from medflowseg_nn.config import FlowMatchingConfig
 from medflowseg_nn.errors import UserError
 from medflowseg_nn.flow.solver import SolverConfig
-from medflowseg_nn.inference.sampler import FlowSegmenter
+from medflowseg_nn.inference.sampler import HYPOTHESES, FlowSegmenter
 from medflowseg_nn.inference.sliding_window import CasePrediction, stitch_patches
 from medflowseg_nn.inference.uncertainty import mask_votes_disagreement, votes_disagreement
 from medflowseg_nn.model import build_vector_field
@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 class MedFlowSegPredictor(nnUNetPredictor):
     """Arguments as :class:`nnUNetPredictor`, plus the sampling options (``None`` = the plans' default):
-    ``steps`` and ``solver`` of the ODE, prior ``seed`` (sample k uses seed + k), ``num_samples`` K, and
+    ``steps`` and ``solver`` of the ODE, prior ``seed`` (sample k uses seed + k), ``num_samples`` K,
+    ``hypotheses`` (what the steps before the last move towards: ``sampler.HYPOTHESES``), and
     ``use_temperature``: divide each fold's logits by the temperature fitted on its validation
     (``fold_X/temperature.json``, :mod:`medflowseg_nn.temperature`) when it was fitted for these sampler settings.
     Only probabilities change; a single fold's segmentation is the same."""
@@ -47,12 +48,15 @@ class MedFlowSegPredictor(nnUNetPredictor):
                  perform_everything_on_device: bool = True, device: torch.device = torch.device("cuda"),
                  verbose: bool = False, verbose_preprocessing: bool = False, allow_tqdm: bool = True,
                  steps: Optional[int] = None, solver: Optional[str] = None, seed: Optional[int] = None,
-                 num_samples: int = 1, use_temperature: bool = True):
+                 num_samples: int = 1, use_temperature: bool = True, hypotheses: str = "mean"):
         super().__init__(tile_step_size, use_gaussian, use_mirroring, perform_everything_on_device, device,
                          verbose, verbose_preprocessing, allow_tqdm)
         if num_samples < 1:
             raise UserError(f"--num_samples must be >= 1, got {num_samples}")
+        if hypotheses not in HYPOTHESES:
+            raise UserError(f"--hypotheses must be one of {', '.join(HYPOTHESES)}, got {hypotheses!r}")
         self.steps, self.solver, self.seed, self.num_samples = steps, solver, seed, num_samples
+        self.hypotheses = hypotheses
         self.use_temperature = use_temperature
         #: per entry of ``list_of_parameters``: its temperature or None (set when loading a model folder)
         self.fold_temperatures: list[Optional[float]] = []
@@ -72,9 +76,11 @@ class MedFlowSegPredictor(nnUNetPredictor):
         self._loaded = (params, self.weights_state())
 
     @staticmethod
-    def sampler_settings(solver: SolverConfig, num_samples: int) -> dict:
-        """What a fitted temperature holds for: ODE steps, method and K (the prior seed does not matter)."""
-        return {"steps": int(solver.steps), "solver": solver.method, "num_samples": int(num_samples)}
+    def sampler_settings(solver: SolverConfig, num_samples: int, hypotheses: str = "mean") -> dict:
+        """What a fitted temperature holds for: ODE steps, method, K and drawn hypotheses (named only when not
+        ``mean``, so temperatures fitted before the option existed still match); the prior seed does not matter."""
+        drawn = {} if hypotheses == "mean" else {"hypotheses": hypotheses}
+        return {"steps": int(solver.steps), "solver": solver.method, "num_samples": int(num_samples), **drawn}
 
     @property
     def segmenter(self) -> FlowSegmenter:
@@ -89,7 +95,7 @@ class MedFlowSegPredictor(nnUNetPredictor):
                              solver=config.solver_config(self.steps, self.solver),
                              seed=config.prior_seed if self.seed is None else self.seed,
                              num_samples=self.num_samples, logit_scale=config.logit_scale,
-                             multilabel=label_manager.has_regions)
+                             multilabel=label_manager.has_regions, hypotheses=self.hypotheses)
 
     def manual_initialization(self, network: nn.Module, plans_manager: PlansManager,
                               configuration_manager: ConfigurationManager, parameters: Optional[list],
@@ -220,7 +226,7 @@ class MedFlowSegPredictor(nnUNetPredictor):
         network.load_state_dict(parameters[0])
         self.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                    checkpoint["trainer_name"], checkpoint.get("inference_allowed_mirroring_axes"))
-        settings = self.sampler_settings(self.segmenter.solver, self.num_samples)
+        settings = self.sampler_settings(self.segmenter.solver, self.num_samples, self.hypotheses)
         self.fold_temperatures = [
             load_temperature(join(model_training_output_dir, f"fold_{f}"), settings)
             if self.use_temperature and not self.label_manager.has_regions else None for f in use_folds]

@@ -27,6 +27,15 @@ patch for all K samples (:meth:`FlowSegmenter.start_output`, the image alone thr
 K one-step samples are one evaluation (and identical: sample diversity needs two or more steps) and K samples of
 N Euler steps cost ``1 + K·(N − 1)`` evaluations instead of ``K·N``.
 
+Drawn hypotheses (``hypotheses``, for N ≥ 2 steps): with ``mean`` (the default) every step moves towards the
+field's soft clean-mask estimate x̂1, and since the field barely depends on its prior the K samples hardly differ.
+With ``voxel`` or ``level`` each sample's step from t moves towards a segmentation DRAWN from x̂1's probabilities
+instead (:func:`~medflowseg_nn.flow.label_space.draw_target`: every voxel independently, or one level set of the
+map per sample), so the next evaluation refines a different hypothesis per sample and the K samples spread where
+the model is unsure — the stochastic sampler of discrete flows (draw x1 from the model, move along its path). The
+last interval always moves to the soft estimate (it is the output). The uniforms come from CPU generators seeded
+per sample (``seed + k``, offset from the prior's), the same for every patch: outputs stay deterministic.
+
 Regions (``multilabel=True``): the outputs are per-region sigmoid logits (log-odds) instead of log-probabilities,
 what nnU-Net's export expects for region models; the sample average is ``logit(mean_k sigmoid(l_k))`` per
 region (:func:`average_region_logits`).
@@ -42,12 +51,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medflowseg_nn.flow.label_space import target_to_logits
+from medflowseg_nn.flow.label_space import draw_target, target_to_logits
 from medflowseg_nn.flow.loss import interpret_output
-from medflowseg_nn.flow.solver import SolverConfig, integrate, sample_prior
+from medflowseg_nn.flow.path import expand_time
+from medflowseg_nn.flow.solver import SolverConfig, integrate, sample_prior, time_grid
 from medflowseg_nn.networks.vector_field_unet import repeat_batch
 
 logger = logging.getLogger(__name__)
+#: what each step of N >= 2 moves towards: the soft estimate, or a segmentation drawn from it (module docstring)
+HYPOTHESES = ("mean", "voxel", "level")
+HYPOTHESIS_SEED_OFFSET = 1_000_003  # the draws' generators must not replay the prior's random stream
 
 
 @dataclass(frozen=True)
@@ -83,12 +96,17 @@ class FlowSegmenter(nn.Module):
     Each of the ``num_samples`` flows starts from its own seeded prior (seed ``seed + k``); the same seed gives
     the same prior for every patch of a given shape, so results are deterministic. Samples are batched through
     the network. ``C = num_classes``. ``multilabel``: C overlapping regions (sigmoid logits out, see the module).
+    ``hypotheses``: one of :data:`HYPOTHESES` (drawn hypotheses for N >= 2 steps, see the module).
     """
 
     def __init__(self, field: nn.Module, num_classes: int, parameterization: str,
                  solver: SolverConfig = SolverConfig(), seed: int = 0, num_samples: int = 1,
-                 logit_scale: float = 5.0, multilabel: bool = False, samples_per_call: Optional[int] = None):
+                 logit_scale: float = 5.0, multilabel: bool = False, samples_per_call: Optional[int] = None,
+                 hypotheses: str = "mean"):
         super().__init__()
+        if hypotheses not in HYPOTHESES:
+            raise ValueError(f"hypotheses must be one of {HYPOTHESES}, got {hypotheses!r}")
+        self.hypotheses = hypotheses
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if samples_per_call is not None and samples_per_call < 1:
@@ -131,15 +149,37 @@ class FlowSegmenter(nn.Module):
             self._projection_cache = {key: self.field.x_t_projection(x0)}
         return self._projection_cache[key]
 
-    def velocity(self, image: Tensor, x: Tensor, t: Tensor, start: Optional[Tensor] = None) -> Tensor:
+    def velocity(self, image: Tensor, x: Tensor, t: Tensor, start: Optional[Tensor] = None,
+                 uniform: Optional[Tensor] = None) -> Tensor:
         """v(x, t | image) ``[n·B, C, *S]`` for ``x [n·B, C, *S]``; ``start``: the field's t = 0 output for one
-        sample (:meth:`start_output`), repeated instead of a network call where every t is 0."""
+        sample (:meth:`start_output`), repeated instead of a network call where every t is 0. ``uniform``
+        (``[n·B, 1, *S]`` or broadcastable): move towards a segmentation drawn from the estimate with it
+        (:func:`draw_target`) instead of towards the estimate, ``v = (h - x) / (1 - t)``."""
         if start is not None and not bool(t.any()):
             raw = repeat_batch(start, x.shape[0] // start.shape[0])
         else:
             raw = self.field(image, x, t)
-        return interpret_output(raw, x, t, self.parameterization, self.logit_scale,
-                                multilabel=self.multilabel).velocity
+        out = interpret_output(raw, x, t, self.parameterization, self.logit_scale, multilabel=self.multilabel)
+        if uniform is None:
+            return out.velocity
+        drawn = draw_target(out.x1_hat, uniform, multilabel=self.multilabel)
+        return (drawn - x) / (1 - expand_time(t, x)).clamp_min(1e-3)
+
+    def hypothesis_generators(self, first_sample: int, n: int) -> Optional[list[torch.Generator]]:
+        """Per sample ``first_sample .. first_sample + n - 1`` a CPU generator for its draws (seeded as the
+        module says), or None with ``hypotheses="mean"``. :meth:`next_uniform` draws from them."""
+        if self.hypotheses == "mean":
+            return None
+        return [torch.Generator(device="cpu").manual_seed(self.seed + k + HYPOTHESIS_SEED_OFFSET)
+                for k in range(first_sample, first_sample + n)]
+
+    def next_uniform(self, generators: list[torch.Generator], like: Tensor) -> Tensor:
+        """``[n·B, 1, *S]`` (``voxel``) or ``[n·B, 1, 1, ...]`` (``level``) uniforms for ``like [n·B, C, *S]``,
+        sample-major as the prior: each sample's draw from its own generator, shared by the B patches."""
+        batch = like.shape[0] // len(generators)
+        shape = (1, 1, *(like.shape[2:] if self.hypotheses == "voxel" else [1] * (like.ndim - 2)))
+        draws = [torch.rand(shape, generator=g).expand(batch, *shape[1:]) for g in generators]
+        return torch.cat(draws, 0).to(like.device)
 
     def probabilities(self, log_p: Tensor) -> Tensor:
         """This sampler's outputs (e.g. ``[K, C, *P]``) → probabilities of the same shape: ``exp`` of the
@@ -180,7 +220,8 @@ class FlowSegmenter(nn.Module):
         parts = []
         for begin in range(0, self.num_samples, chunk):
             rows = slice(begin * batch, min(begin + chunk, self.num_samples) * batch)
-            parts.append(self._samples(image, x0[rows], None if projection is None else projection[rows], start))
+            parts.append(self._samples(image, x0[rows], None if projection is None else projection[rows], start,
+                                       first_sample=begin))
         log_p = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
         return log_p.reshape(self.num_samples, batch, *log_p.shape[1:])
 
@@ -217,14 +258,22 @@ class FlowSegmenter(nn.Module):
             return target_to_logits(out.x1_hat, multilabel=self.multilabel)
         return out.logits.float() if self.multilabel else torch.log_softmax(out.logits.float(), 1)
 
-    def _samples(self, image: Tensor, x0: Tensor, projection: Optional[Tensor], start: Optional[Tensor]) -> Tensor:
-        """Log-probabilities ``[n * B, C, *S]`` of the n samples whose priors are ``x0 [n * B, C, *S]``; ``start``:
-        the field's output at t = 0 for one sample (:meth:`start_output`), reused by every sample, or None."""
+    def _samples(self, image: Tensor, x0: Tensor, projection: Optional[Tensor], start: Optional[Tensor],
+                 first_sample: int = 0) -> Tensor:
+        """Log-probabilities ``[n * B, C, *S]`` of the n samples (``first_sample`` ...) whose priors are ``x0
+        [n * B, C, *S]``; ``start``: the field's output at t = 0 for one sample (:meth:`start_output`), reused by
+        every sample, or None."""
         n = x0.shape[0] // image.shape[0]
         shared = getattr(self.field, "shares_image_across_samples", False)
         image_k = image if shared else repeat_batch(image, n)
         if not self.one_step:
-            x1 = integrate(lambda x, t: self.velocity(image_k, x, t, start), x0, self.solver)
+            gens = self.hypothesis_generators(first_sample, n)
+            last = float(time_grid(self.solver.steps, self.solver.grid)[-2])  # the last interval: no draw
+
+            def velocity(x: Tensor, t: Tensor) -> Tensor:
+                draw = gens is not None and float(t[0]) < last
+                return self.velocity(image_k, x, t, start, self.next_uniform(gens, x) if draw else None)
+            x1 = integrate(velocity, x0, self.solver)
             return target_to_logits(x1, multilabel=self.multilabel)
         t0 = torch.zeros(x0.shape[0], device=image.device, dtype=image.dtype)
         raw = self.field(image_k, x0, t0) if projection is None else \
