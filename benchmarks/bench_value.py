@@ -12,13 +12,14 @@ cached in ``WORK/value_models`` (rerun = predict).
 Inference, TTA off, from the raw images: nnU-Net single = nnUNetPredictor; ensemble = mean of the members' softmax
 probabilities in the raw geometry (``value_ensemble``; ours's fold ensemble likewise, members at one step); ours =
 MedFlowSegPredictor (prior seed 0) with 1 Euler step (K=1), Euler N=2, N=4, Heun N=2, K=4 samples at 1 step, and K=4
-at the best setting among those multi-step ones (and with ``--hypotheses``, K=4 there with drawn hypotheses). "Best" is chosen by mean Dice on ``--select_cases`` of fold 0's
-VALIDATION cases with the first seed's model, never on the test set. Metrics per run: mean foreground Dice and HD95
-(``medflowseg_nn.evaluation``; Dice from the argmax of the probabilities), calibration
-(``medflowseg_nn.calibration``: ECE 15 bins, Brier, NLL, AURC) pooled over all test voxels and over the reference
-ROI (foreground dilated by ``--roi_dilation`` voxels, cube), Spearman between a case's mean predictive entropy (ROI
-/ all) and 1 - its mean foreground Dice, and network seconds per case (``predict_logits_from_preprocessed_data``;
-the ensemble's is the sum of its members'). Tables: mean over seeds with the min-max spread in brackets.
+at the best setting among those multi-step ones (and with ``--hypotheses``, K=4 there with drawn hypotheses). "Best"
+is chosen by mean Dice on ``--select_cases`` of fold 0's VALIDATION cases with the first seed's model, never on the
+test set. Metrics per run: mean foreground Dice and HD95 (``medflowseg_nn.evaluation``; Dice from the argmax of the
+probabilities), calibration (``medflowseg_nn.calibration``: ECE 15 bins, Brier, NLL, AURC) pooled over all test
+voxels and over the reference ROI (foreground dilated by ``--roi_dilation`` voxels, cube), Spearman between a case's
+mean predictive entropy (ROI / all) and 1 - its mean foreground Dice, and network seconds per case
+(``predict_logits_from_preprocessed_data``; the ensemble's is the sum of its members'). Tables: mean over seeds with
+the min-max spread in brackets.
 
     python benchmarks/bench_value.py --work /work/bench_work                  # ~1 h on 2 CPU cores
     python benchmarks/bench_value.py --epochs 1 --iterations_per_epoch 2 --max_test_cases 3 --select_cases 2
