@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--ensemble_folds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--ours_trainer", default="MedFlowSegTrainer", help="trainer class name")
-    p.add_argument("--hypotheses", nargs="*", default=[], choices=["voxel", "level"],
+    from medflowseg_nn.inference.sampler import HYPOTHESES
+    p.add_argument("--hypotheses", nargs="*", default=[], choices=[h for h in HYPOTHESES if h != "mean"],
                    help="rows of ours with K=4 drawn hypotheses (mfs_predict --hypotheses) at the picked setting")
     p.add_argument("--ours_ensemble_folds", type=int, nargs="*", default=[],
                    help="folds of ours (first seed, one step) whose mean is the 'ours ensemble' row; none: no row")

@@ -40,20 +40,25 @@ class FieldOutput:
     logits: Tensor
 
 
+def velocity_towards(x1: Tensor, x_t: Tensor, t: Tensor, min_remaining_time: float = 1e-3) -> Tensor:
+    """``(x1 - x_t) / (1 - t)`` ``[B, C, *S]``: the straight-line velocity that reaches ``x1`` at t = 1 (``t``
+    ``[B]``), the remaining time clamped at ``min_remaining_time`` (the field is singular at t = 1)."""
+    return (x1 - x_t) / (1 - expand_time(t, x_t)).clamp_min(min_remaining_time)
+
+
 def interpret_output(raw: Tensor, x_t: Tensor, t: Tensor, parameterization: str,
                      logit_scale: float = 5.0, min_remaining_time: float = 1e-3,
                      multilabel: bool = False) -> FieldOutput:
     """Turn the raw network output into velocity, clean-mask estimate and segmentation logits (softmax logits,
     or per-channel sigmoid logits when ``multilabel``)."""
-    tt = expand_time(t, x_t)
-    remaining = (1 - tt).clamp_min(min_remaining_time)
     if parameterization == "velocity":
+        tt = expand_time(t, x_t)
         x1_hat = x_t + (1 - tt) * raw
         return FieldOutput(velocity=raw, x1_hat=x1_hat, logits=logit_scale * x1_hat)
     if parameterization == "x1":
         probs = torch.sigmoid(raw.float()) if multilabel else torch.softmax(raw.float(), 1)
         x1_hat = 2 * probs.to(raw.dtype) - 1
-        return FieldOutput(velocity=(x1_hat - x_t) / remaining, x1_hat=x1_hat, logits=raw)
+        return FieldOutput(velocity=velocity_towards(x1_hat, x_t, t, min_remaining_time), x1_hat=x1_hat, logits=raw)
     raise ValueError(f"unknown parameterization {parameterization!r}; use one of {PARAMETERIZATIONS}")
 
 

@@ -52,8 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medflowseg_nn.flow.label_space import draw_target, target_to_logits
-from medflowseg_nn.flow.loss import interpret_output
-from medflowseg_nn.flow.path import expand_time
+from medflowseg_nn.flow.loss import interpret_output, velocity_towards
 from medflowseg_nn.flow.solver import SolverConfig, integrate, sample_prior, time_grid
 from medflowseg_nn.networks.vector_field_unet import repeat_batch
 
@@ -163,7 +162,7 @@ class FlowSegmenter(nn.Module):
         if uniform is None:
             return out.velocity
         drawn = draw_target(out.x1_hat, uniform, multilabel=self.multilabel)
-        return (drawn - x) / (1 - expand_time(t, x)).clamp_min(1e-3)
+        return velocity_towards(drawn, x, t)
 
     def hypothesis_generators(self, first_sample: int, n: int) -> Optional[list[torch.Generator]]:
         """Per sample ``first_sample .. first_sample + n - 1`` a CPU generator for its draws (seeded as the
