@@ -12,7 +12,8 @@ cached in ``WORK/value_models`` (rerun = predict).
 Inference, TTA off, from the raw images: nnU-Net single = nnUNetPredictor; ensemble = mean of the members' softmax
 probabilities in the raw geometry (``value_ensemble``; ours's fold ensemble likewise, members at one step); ours =
 MedFlowSegPredictor (prior seed 0) with 1 Euler step (K=1), Euler N=2, N=4, Heun N=2, K=4 samples at 1 step, and K=4
-at the best setting among those multi-step ones (and with ``--hypotheses``, K=4 there with drawn hypotheses). "Best"
+at the best setting among those multi-step ones (and with ``--hypotheses``, K=4 there with drawn hypotheses; with
+``--mc_dropout``, K=4 one-step model samples of a model trained with dropout). "Best"
 is chosen by mean Dice on ``--select_cases`` of fold 0's VALIDATION cases with the first seed's model, never on the
 test set. Metrics per run: mean foreground Dice and HD95 (``medflowseg_nn.evaluation``; Dice from the argmax of the
 probabilities), calibration (``medflowseg_nn.calibration``: ECE 15 bins, Brier, NLL, AURC) pooled over all test
@@ -64,7 +65,7 @@ def write_splits(folder: Path, cases: list[str], n_test: int) -> tuple[list[str]
 
 
 def make_predictor(trainer, method: str, args: argparse.Namespace, solver: str = "euler", steps: int = 1,
-                   k: int = 1, hypotheses: str = "mean"):
+                   k: int = 1, hypotheses: str = "mean", model_samples: bool = False):
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from medflowseg_nn.inference.predictor import MedFlowSegPredictor
@@ -75,7 +76,7 @@ def make_predictor(trainer, method: str, args: argparse.Namespace, solver: str =
               device=torch.device(args.device), verbose=False, allow_tqdm=False)
     predictor = (nnUNetPredictor(**kw) if method == "nnunet" else
                  MedFlowSegPredictor(**kw, steps=steps, solver=solver, seed=0, num_samples=k,
-                                     hypotheses=hypotheses))
+                                     hypotheses=hypotheses, model_samples=model_samples))
     predictor.manual_initialization(network, trainer.plans_manager, trainer.configuration_manager,
                                     [network.state_dict()], trainer.dataset_json, type(trainer).__name__,
                                     trainer.inference_allowed_mirroring_axes)
@@ -142,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     from medflowseg_nn.inference.sampler import HYPOTHESES
     p.add_argument("--hypotheses", nargs="*", default=[], choices=[h for h in HYPOTHESES if h != "mean"],
                    help="rows of ours with K=4 drawn hypotheses (mfs_predict --hypotheses) at the picked setting")
+    p.add_argument("--mc_dropout", action="store_true", help="a row of ours with K=4 one-step model samples "
+                   "(mfs_predict --mc_dropout; needs an --ours_trainer with dropout, e.g. MedFlowSegTrainer_dropout)")
     p.add_argument("--ours_ensemble_folds", type=int, nargs="*", default=[],
                    help="folds of ours (first seed, one step) whose mean is the 'ours ensemble' row; none: no row")
     p.add_argument("--flow", nargs="*", default=[], metavar="KEY=VALUE",
@@ -203,6 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ours_settings.append((f"K=4 {best_name}", best_solver, best_steps, 4))
     drawn = (best_name, best_solver, best_steps) if best_name != "1 step" else ("Euler N=2", "euler", 2)
     ours_settings += [(f"K=4 {drawn[0]} {h}", *drawn[1:], 4, h) for h in args.hypotheses]
+    ours_settings += [("K=4 1 step MC dropout", "euler", 1, 4, "mean", True)] if args.mc_dropout else []
     runs: dict[str, tuple[str, Any]] = {}  # run id -> (method row, predictor or member list)
     for seed in args.seeds:
         runs[f"nnunet_single_s{seed}"] = ("nnU-Net single (fold 0)",
@@ -219,7 +223,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             runs[f"ours_f{fold}_s{s0}"] = ("", make_predictor(models[f"ours_f{fold}_s{s0}"][0], "ours", args))
     # temperature scaling (+ T rows): one T per run, fitted on the selection cases (fold-0 validation)
     calibrated = {"nnU-Net single (fold 0)", "ours 1 step", "ours K=4 1 step", f"ours K=4 {best_name}",
-                  *(f"ours K=4 {drawn[0]} {h}" for h in args.hypotheses)}
+                  *(f"ours K=4 {drawn[0]} {h}" for h in args.hypotheses), "ours K=4 1 step MC dropout"}
     temps = {rid: fit_run_temperature(pred, args, sel_cases, inputs) for rid, (row, pred) in runs.items()
              if row in calibrated and not args.no_temperature}
     args.temperatures = temps

@@ -30,7 +30,8 @@ class NetworkOptions:
     plans made before keep their meaning. ``time_scaled_x_t``: the network sees ``t · x_t``, so its t = 0
     evaluation (the one-step prediction) sees the image alone (:mod:`medflowseg_nn.networks.vector_field_unet`);
     on by default since 2026-12-03 (2d CPU protocol, ``benchmarks/RESULTS.md``), a block written before (no key)
-    means off.
+    means off. ``dropout``: channel dropout with this probability after every convolution of the UNet blocks (nnU-Net's
+    ``dropout_op``; 0 = none, the default), which ``mfs_predict --mc_dropout`` samples at inference.
     """
 
     use_dbsa: bool = True
@@ -42,6 +43,11 @@ class NetworkOptions:
     faa_num_bands: int = 8
     deep_supervision: bool = True
     time_scaled_x_t: bool = True
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"flow_matching.network.dropout must be in [0, 1), got {self.dropout}")
 
     def resolved(self, n_stages: int) -> "NetworkOptions":
         """The same options with the default placements written out for a network of ``n_stages`` stages, so
@@ -51,6 +57,8 @@ class NetworkOptions:
             faa_stages=default_faa_stages(n_stages) if self.faa_stages is None else list(self.faa_stages))
 
     def network_kwargs(self) -> dict[str, Any]:
+        """The flow keywords of :class:`VectorFieldUNet` (``dropout`` is nnU-Net's ``dropout_op``, see
+        :func:`medflowseg_nn.model.architecture_kwargs`)."""
         return {"dbsa_stages": self.dbsa_stages if self.use_dbsa else [],
                 "faa_stages": self.faa_stages if self.use_faa else [],
                 "time_embed_dim": self.time_embed_dim, "cond_features_divisor": self.cond_features_divisor,

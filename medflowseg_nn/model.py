@@ -13,7 +13,10 @@ import logging
 import pydoc
 from typing import Any, Optional
 
+from torch import nn
+
 from medflowseg_nn.config import FlowMatchingConfig, NetworkOptions
+from medflowseg_nn.networks.layers import conv_ndim
 from medflowseg_nn.networks.residual_vector_field_unet import ResidualEncoderVectorFieldUNet
 from medflowseg_nn.networks.vector_field_unet import VectorFieldUNet
 
@@ -30,6 +33,10 @@ def architecture_kwargs(configuration_manager: Any, network: NetworkOptions) -> 
         if kwargs.get(key) is not None:
             kwargs[key] = pydoc.locate(kwargs[key])
     kwargs.update(network.network_kwargs())
+    if network.dropout > 0:  # channel dropout, as nnU-Net's dropout_op (dynamic_network_architectures' matching
+        # helper asserts on a conv_op argument, so the class is picked here)
+        kwargs["dropout_op"] = nn.Dropout3d if conv_ndim(kwargs["conv_op"]) == 3 else nn.Dropout2d
+        kwargs["dropout_op_kwargs"] = {"p": network.dropout, "inplace": False}
     return kwargs
 
 

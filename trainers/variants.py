@@ -132,3 +132,10 @@ class MedFlowSegTrainer_plainInput(MedFlowSegTrainer):
     """The network sees x_t itself (the default before 2026-12-03): at t = 0 its input holds the prior noise
     beside the image, so one-step samples of different priors differ (a little)."""
     network_overrides = {"time_scaled_x_t": False}
+
+
+class MedFlowSegTrainer_dropout(MedFlowSegTrainer):
+    """Channel dropout 0.1 after every UNet convolution (nnU-Net's ``dropout_op``), so that ``mfs_predict
+    --mc_dropout --num_samples K`` draws K thinned networks of this one model (:mod:`medflowseg_nn.inference.
+    model_samples`): model-level diversity in the K samples (issue #9)."""
+    network_overrides = {"dropout": 0.1}

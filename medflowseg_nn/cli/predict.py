@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --steps >= 2: each step before the last moves towards the estimate ('mean') or towards a "
                         "segmentation drawn from it, per voxel ('voxel') or one level set per sample ('level'), so "
                         "that the K samples differ where the model is unsure")
+    p.add_argument("--mc_dropout", action="store_true",
+                   help="each of the --num_samples samples runs its own thinned network (MC dropout; needs a model "
+                        "trained with dropout, e.g. -tr MedFlowSegTrainer_dropout): model-level sample diversity")
     p.add_argument("--no_temperature", action="store_true",
                    help="do not divide the logits by the folds' fitted temperatures (fold_X/temperature.json)")
     p.add_argument("--save_probabilities", action="store_true",
@@ -107,6 +110,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if args.steps is not None and args.steps < 1 or args.num_samples < 1:
         raise UserError("--steps and --num_samples must be >= 1")
+    if args.mc_dropout and args.num_samples < 2:
+        raise UserError("--mc_dropout samples thinned networks: give --num_samples K >= 2")
     if args.overwrite and args.continue_prediction:
         raise UserError("--overwrite and --continue_prediction contradict each other; pick one")
     model = args.m or model_folder_from_args(args.d, args.c, args.tr, args.p)
@@ -118,7 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     settings = PredictionSettings(
         folds=None if args.f is None else tuple(args.f), checkpoint=args.chk, step_size=args.step_size,
         disable_tta=args.disable_tta, device=pick_device(args.device), steps=args.steps, solver=args.solver,
-        seed=args.seed, num_samples=args.num_samples, hypotheses=args.hypotheses,
+        seed=args.seed, num_samples=args.num_samples, hypotheses=args.hypotheses, model_samples=args.mc_dropout,
         use_temperature=not args.no_temperature,
         overwrite=args.overwrite,
         num_processes_preprocessing=args.npp, num_processes_export=args.nps, verbose=args.verbose,

@@ -27,6 +27,7 @@ from medflowseg_nn import nnunet_compat
 from medflowseg_nn.config import FlowMatchingConfig
 from medflowseg_nn.errors import UserError
 from medflowseg_nn.flow.solver import SolverConfig
+from medflowseg_nn.inference.model_samples import dropout_layers
 from medflowseg_nn.inference.sampler import HYPOTHESES, FlowSegmenter
 from medflowseg_nn.inference.sliding_window import CasePrediction, stitch_patches
 from medflowseg_nn.inference.uncertainty import mask_votes_disagreement, votes_disagreement
@@ -39,7 +40,8 @@ logger = logging.getLogger(__name__)
 class MedFlowSegPredictor(nnUNetPredictor):
     """Arguments as :class:`nnUNetPredictor`, plus the sampling options (``None`` = the plans' default):
     ``steps`` and ``solver`` of the ODE, prior ``seed`` (sample k uses seed + k), ``num_samples`` K,
-    ``hypotheses`` (what the steps before the last move towards: ``sampler.HYPOTHESES``), and
+    ``hypotheses`` (what the steps before the last move towards: ``sampler.HYPOTHESES``), ``model_samples``
+    (each sample through its own thinned network: MC dropout of a model trained with dropout), and
     ``use_temperature``: divide each fold's logits by the temperature fitted on its validation
     (``fold_X/temperature.json``, :mod:`medflowseg_nn.temperature`) when it was fitted for these sampler settings.
     Only probabilities change; a single fold's segmentation is the same."""
@@ -48,7 +50,8 @@ class MedFlowSegPredictor(nnUNetPredictor):
                  perform_everything_on_device: bool = True, device: torch.device = torch.device("cuda"),
                  verbose: bool = False, verbose_preprocessing: bool = False, allow_tqdm: bool = True,
                  steps: Optional[int] = None, solver: Optional[str] = None, seed: Optional[int] = None,
-                 num_samples: int = 1, use_temperature: bool = True, hypotheses: str = "mean"):
+                 num_samples: int = 1, use_temperature: bool = True, hypotheses: str = "mean",
+                 model_samples: bool = False):
         super().__init__(tile_step_size, use_gaussian, use_mirroring, perform_everything_on_device, device,
                          verbose, verbose_preprocessing, allow_tqdm)
         if num_samples < 1:
@@ -56,7 +59,7 @@ class MedFlowSegPredictor(nnUNetPredictor):
         if hypotheses not in HYPOTHESES:
             raise UserError(f"--hypotheses must be one of {', '.join(HYPOTHESES)}, got {hypotheses!r}")
         self.steps, self.solver, self.seed, self.num_samples = steps, solver, seed, num_samples
-        self.hypotheses = hypotheses
+        self.hypotheses, self.model_samples = hypotheses, model_samples
         self.use_temperature = use_temperature
         #: per entry of ``list_of_parameters``: its temperature or None (set when loading a model folder)
         self.fold_temperatures: list[Optional[float]] = []
@@ -76,10 +79,13 @@ class MedFlowSegPredictor(nnUNetPredictor):
         self._loaded = (params, self.weights_state())
 
     @staticmethod
-    def sampler_settings(solver: SolverConfig, num_samples: int, hypotheses: str = "mean") -> dict:
-        """What a fitted temperature holds for: ODE steps, method, K and drawn hypotheses (named only when not
-        ``mean``, so temperatures fitted before the option existed still match); the prior seed does not matter."""
+    def sampler_settings(solver: SolverConfig, num_samples: int, hypotheses: str = "mean",
+                         model_samples: bool = False) -> dict:
+        """What a fitted temperature holds for: ODE steps, method, K, drawn hypotheses and model samples (each
+        named only when not the default, so temperatures fitted before the option existed still match); the prior
+        seed does not matter."""
         drawn = {} if hypotheses == "mean" else {"hypotheses": hypotheses}
+        drawn.update({"model_samples": True} if model_samples else {})
         return {"steps": int(solver.steps), "solver": solver.method, "num_samples": int(num_samples), **drawn}
 
     @property
@@ -91,11 +97,15 @@ class MedFlowSegPredictor(nnUNetPredictor):
         """Wrap a vector field in the sampler configured by the plans' flow block and this predictor's options."""
         config = FlowMatchingConfig.from_plans(plans_manager.plans)
         label_manager = plans_manager.get_label_manager(dataset_json)
+        if self.model_samples and not dropout_layers(field):
+            raise UserError("--mc_dropout needs a model trained with dropout (flow_matching.network.dropout > 0, "
+                            "e.g. -tr MedFlowSegTrainer_dropout); this one has no dropout layers")
         return FlowSegmenter(field, label_manager.num_segmentation_heads, config.parameterization,
                              solver=config.solver_config(self.steps, self.solver),
                              seed=config.prior_seed if self.seed is None else self.seed,
                              num_samples=self.num_samples, logit_scale=config.logit_scale,
-                             multilabel=label_manager.has_regions, hypotheses=self.hypotheses)
+                             multilabel=label_manager.has_regions, hypotheses=self.hypotheses,
+                             model_samples=self.model_samples)
 
     def manual_initialization(self, network: nn.Module, plans_manager: PlansManager,
                               configuration_manager: ConfigurationManager, parameters: Optional[list],
@@ -226,7 +236,8 @@ class MedFlowSegPredictor(nnUNetPredictor):
         network.load_state_dict(parameters[0])
         self.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                    checkpoint["trainer_name"], checkpoint.get("inference_allowed_mirroring_axes"))
-        settings = self.sampler_settings(self.segmenter.solver, self.num_samples, self.hypotheses)
+        settings = self.sampler_settings(self.segmenter.solver, self.num_samples, self.hypotheses,
+                                         self.model_samples)
         self.fold_temperatures = [
             load_temperature(join(model_training_output_dir, f"fold_{f}"), settings)
             if self.use_temperature and not self.label_manager.has_regions else None for f in use_folds]

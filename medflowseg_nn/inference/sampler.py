@@ -36,6 +36,9 @@ the model is unsure — the stochastic sampler of discrete flows (draw x1 from t
 last interval always moves to the soft estimate (it is the output). The uniforms come from CPU generators seeded
 per sample (``seed + k``, offset from the prior's), the same for every patch: outputs stay deterministic.
 
+Model samples (``model_samples``, MC dropout): sample k also runs its own seeded thinned network
+(:mod:`medflowseg_nn.inference.model_samples`), with its own evaluations (none shared): K one-step samples cost K.
+
 Regions (``multilabel=True``): the outputs are per-region sigmoid logits (log-odds) instead of log-probabilities,
 what nnU-Net's export expects for region models; the sample average is ``logit(mean_k sigmoid(l_k))`` per
 region (:func:`average_region_logits`).
@@ -43,17 +46,17 @@ region (:func:`average_region_logits`).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medflowseg_nn.flow.label_space import draw_target, target_to_logits
 from medflowseg_nn.flow.loss import interpret_output, velocity_towards
 from medflowseg_nn.flow.solver import SolverConfig, integrate, sample_prior, time_grid
+from medflowseg_nn.inference.model_samples import DROPOUT_SEED_OFFSET, dropout_layers, sampled_dropout
+from medflowseg_nn.inference.sample_average import average_log_probabilities, average_region_logits
 from medflowseg_nn.networks.vector_field_unet import repeat_batch
 
 logger = logging.getLogger(__name__)
@@ -71,24 +74,6 @@ class SampledPatch:
     sample_log_probabilities: Tensor
 
 
-def average_log_probabilities(log_p: Tensor) -> Tensor:
-    """``[K, B, C, *S]`` per-sample log-probabilities → ``[B, C, *S]`` log of their mean probability."""
-    if log_p.shape[0] == 1:
-        return log_p[0]
-    return torch.logsumexp(log_p, 0) - math.log(log_p.shape[0])
-
-
-def average_region_logits(logits: Tensor) -> Tensor:
-    """``[K, B, R, *S]`` per-sample region log-odds → ``[B, R, *S]`` log-odds of the mean probability,
-    ``logit(mean_k sigmoid(l_k))``, computed in log space (stable for saturated logits)."""
-    if logits.shape[0] == 1:
-        return logits[0]
-    log_k = math.log(logits.shape[0])
-    log_p = torch.logsumexp(F.logsigmoid(logits), 0) - log_k
-    log_q = torch.logsumexp(F.logsigmoid(-logits), 0) - log_k
-    return log_p - log_q
-
-
 class FlowSegmenter(nn.Module):
     """``forward(image [B, C_img, *S]) -> [B, C, *S]`` log-probabilities averaged over ``num_samples`` flows.
 
@@ -96,16 +81,19 @@ class FlowSegmenter(nn.Module):
     the same prior for every patch of a given shape, so results are deterministic. Samples are batched through
     the network. ``C = num_classes``. ``multilabel``: C overlapping regions (sigmoid logits out, see the module).
     ``hypotheses``: one of :data:`HYPOTHESES` (drawn hypotheses for N >= 2 steps, see the module).
+    ``model_samples``: each sample with its own thinned network (MC dropout, see the module).
     """
 
     def __init__(self, field: nn.Module, num_classes: int, parameterization: str,
                  solver: SolverConfig = SolverConfig(), seed: int = 0, num_samples: int = 1,
                  logit_scale: float = 5.0, multilabel: bool = False, samples_per_call: Optional[int] = None,
-                 hypotheses: str = "mean"):
+                 hypotheses: str = "mean", model_samples: bool = False):
         super().__init__()
         if hypotheses not in HYPOTHESES:
             raise ValueError(f"hypotheses must be one of {HYPOTHESES}, got {hypotheses!r}")
-        self.hypotheses = hypotheses
+        if model_samples and not dropout_layers(field):
+            raise ValueError("model_samples needs a field with dropout layers (flow_matching.network.dropout > 0)")
+        self.hypotheses, self.model_samples = hypotheses, bool(model_samples)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if samples_per_call is not None and samples_per_call < 1:
@@ -121,7 +109,7 @@ class FlowSegmenter(nn.Module):
         self.multilabel = multilabel
         self._prior_cache: dict[tuple, Tensor] = {}
         self._projection_cache: dict[tuple, Tensor] = {}
-        if num_samples > 1 and self.prior_free_one_step():
+        if num_samples > 1 and self.prior_free_one_step() and not self.model_samples:
             logger.warning("%d one-step samples of a field with the time-scaled input are identical (computed "
                            "once): sample disagreement needs steps >= 2", num_samples)
 
@@ -204,6 +192,8 @@ class FlowSegmenter(nn.Module):
         once for all K samples (:meth:`start_output`): one step is then that one evaluation, and N steps cost
         ``1 + K·(N − 1)`` evaluations (Euler) instead of ``K·N``.
         """
+        if self.model_samples:
+            return torch.stack([self._model_sample(image, k) for k in range(self.num_samples)])
         batch, spatial = image.shape[0], tuple(image.shape[2:])
         x0 = self.prior(batch, spatial, image.device, image.dtype)
         start = self.start_output(image)
@@ -278,6 +268,16 @@ class FlowSegmenter(nn.Module):
         raw = self.field(image_k, x0, t0) if projection is None else \
             self.field(image_k, x0, t0, x_t_projection=projection)
         return self._one_step_log_p(raw, x0, t0)
+
+    def _model_sample(self, image: Tensor, k: int) -> Tensor:
+        """Sample ``k`` through its own thinned network (``model_samples``): log-probabilities ``[B, C, *S]``."""
+        batch = image.shape[0]
+        x0 = self.prior(batch, tuple(image.shape[2:]), image.device, image.dtype)[k * batch:(k + 1) * batch]
+        with sampled_dropout(self.field, self.seed + k + DROPOUT_SEED_OFFSET, image.device):
+            start = self.start_output(image)
+            if start is not None and self.one_step:
+                return self._one_step_log_p(start, x0, torch.zeros(batch, device=image.device, dtype=image.dtype))
+            return self._samples(image, x0, None, start, first_sample=k)
 
     def sample(self, image: Tensor) -> SampledPatch:
         """``image [B, C_img, *S]`` → :class:`SampledPatch` (sample mean and the K samples)."""

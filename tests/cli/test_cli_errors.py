@@ -95,3 +95,8 @@ def test_a_bad_argument_still_gets_one_line(tmp_path, capsys):
                              "--num_samples", "0"], capsys)
     assert msg == "error: --steps and --num_samples must be >= 1"
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_mc_dropout_needs_several_samples(tmp_path, capsys):
+    msg = run(predict.main, ["-i", "x", "-o", "y", "-m", str(tmp_path), "--mc_dropout"], capsys)
+    assert "--num_samples K >= 2" in msg

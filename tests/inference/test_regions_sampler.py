@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from medflowseg_nn.flow.solver import SolverConfig
-from medflowseg_nn.inference.sampler import FlowSegmenter, average_region_logits
+from medflowseg_nn.inference.sample_average import average_region_logits
+from medflowseg_nn.inference.sampler import FlowSegmenter
 from medflowseg_nn.inference.sliding_window import stitch_patches
 from medflowseg_nn.inference.uncertainty import (SampleAccumulator, binary_entropy, region_disagreement,
                                                  region_entropy)

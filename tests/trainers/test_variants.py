@@ -67,6 +67,15 @@ def test_network_has_exactly_the_attention_modules_the_variant_claims(planned, c
         assert n_faa == 2 and sorted(net.faa) == [str(n_stages - 2), str(n_stages - 1)]
 
 
+def test_dropout_variant_puts_channel_dropout_after_every_unet_convolution(planned):
+    plans, pm = fresh(planned)
+    convs = [m for m in variants.MedFlowSegTrainer_dropout.build_network_architecture(
+        pm, pm.get_configuration(CONFIG), 1, 3, False).modules() if hasattr(m, "all_modules")]
+    assert convs and all(isinstance(m.dropout, torch.nn.Dropout3d) and m.dropout.p == 0.1 for m in convs)
+    default = MedFlowSegTrainer.build_network_architecture(pm, pm.get_configuration(CONFIG), 1, 3, False)
+    assert not any(isinstance(m, torch.nn.Dropout3d) for m in default.modules())
+
+
 def test_velocity_variant_trains_and_losses_the_velocity_parameterization(planned):
     plans, pm = fresh(planned)
     cm = pm.get_configuration(CONFIG)
