@@ -15,27 +15,15 @@ from medflowseg_nn.inference.predictor import MedFlowSegPredictor
 from medflowseg_nn.inference.sampler import FlowSegmenter
 from medflowseg_nn.model import architecture_kwargs
 from medflowseg_nn.networks.vector_field_unet import VectorFieldUNet
-from tests.inference.test_sampler import SPATIAL
+from tests.inference.test_sampler import SPATIAL, tiny_field
 
 P = 0.3
 
 
 def dropout_field(seed: int = 0, p: float = P) -> VectorFieldUNet:
-    """A tiny time-scaled 3D field with channel dropout ``p`` in its conv blocks, weights perturbed off zero."""
-    torch.manual_seed(seed)
-    n = 3
-    net = VectorFieldUNet(1, 3, n_stages=n, features_per_stage=[4, 8, 16], conv_op=nn.Conv3d,
-                          kernel_sizes=[[3] * 3] * n, strides=[[1] * 3] + [[2] * 3] * (n - 1),
-                          n_conv_per_stage=[1] * n, n_conv_per_stage_decoder=[1] * (n - 1), conv_bias=True,
-                          norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
-                          dropout_op=nn.Dropout3d if p else None, dropout_op_kwargs={"p": p} if p else None,
-                          nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, time_embed_dim=16,
-                          time_scaled_x_t=True).eval()
-    with torch.no_grad():
-        for q in net.parameters():
-            if q.abs().sum() == 0:
-                q.normal_(std=0.05)
-    return net
+    """A tiny time-scaled 3D field with channel dropout ``p`` in its conv blocks (``tiny_field``)."""
+    return tiny_field(seed, time_scaled_x_t=True, dropout_op=nn.Dropout3d if p else None,
+                      dropout_op_kwargs={"p": p} if p else None)
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,16 @@ from medflowseg_nn.inference.uncertainty import pairwise_disagreement, predictiv
 SPATIAL = (8, 12, 8)
 
 
-def tiny_field(seed: int = 0) -> VectorFieldUNet:
-    """An untrained 3-stage 3D field whose zero-initialised parameters are perturbed, so that it depends on x_t."""
+def tiny_field(seed: int = 0, **options) -> VectorFieldUNet:
+    """An untrained 3-stage 3D field whose zero-initialised parameters are perturbed, so that it depends on x_t.
+    ``options``: further :class:`VectorFieldUNet` keywords (dropout, time-scaled input, ...)."""
     torch.manual_seed(seed)
     n = 3
     net = VectorFieldUNet(1, 3, n_stages=n, features_per_stage=[4, 8, 16], conv_op=nn.Conv3d,
                           kernel_sizes=[[3] * 3] * n, strides=[[1] * 3] + [[2] * 3] * (n - 1),
                           n_conv_per_stage=[1] * n, n_conv_per_stage_decoder=[1] * (n - 1), conv_bias=True,
                           norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
-                          nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, time_embed_dim=16).eval()
+                          nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, time_embed_dim=16, **options).eval()
     with torch.no_grad():
         for p in net.parameters():
             if p.abs().sum() == 0:
