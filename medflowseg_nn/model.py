@@ -13,7 +13,7 @@ import logging
 import pydoc
 from typing import Any, Optional
 
-from torch import nn
+from dynamic_network_architectures.building_blocks.helper import get_matching_dropout
 
 from medflowseg_nn.config import FlowMatchingConfig, NetworkOptions
 from medflowseg_nn.networks.layers import conv_ndim
@@ -33,9 +33,9 @@ def architecture_kwargs(configuration_manager: Any, network: NetworkOptions) -> 
         if kwargs.get(key) is not None:
             kwargs[key] = pydoc.locate(kwargs[key])
     kwargs.update(network.network_kwargs())
-    if network.dropout > 0:  # channel dropout, as nnU-Net's dropout_op (dynamic_network_architectures' matching
-        # helper asserts on a conv_op argument, so the class is picked here)
-        kwargs["dropout_op"] = nn.Dropout3d if conv_ndim(kwargs["conv_op"]) == 3 else nn.Dropout2d
+    if network.dropout > 0:  # channel dropout as nnU-Net's dropout_op; the helper takes the dimension (given a
+        # conv_op it asserts, dynamic_network_architectures 0.4.4)
+        kwargs["dropout_op"] = get_matching_dropout(dimension=conv_ndim(kwargs["conv_op"]))
         kwargs["dropout_op_kwargs"] = {"p": network.dropout, "inplace": False}
     return kwargs
 

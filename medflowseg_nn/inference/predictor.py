@@ -85,7 +85,8 @@ class MedFlowSegPredictor(nnUNetPredictor):
         named only when not the default, so temperatures fitted before the option existed still match); the prior
         seed does not matter."""
         drawn = {} if hypotheses == "mean" else {"hypotheses": hypotheses}
-        drawn.update({"model_samples": True} if model_samples else {})
+        if model_samples:
+            drawn["model_samples"] = True
         return {"steps": int(solver.steps), "solver": solver.method, "num_samples": int(num_samples), **drawn}
 
     @property
