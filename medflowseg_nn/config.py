@@ -31,7 +31,9 @@ class NetworkOptions:
     evaluation (the one-step prediction) sees the image alone (:mod:`medflowseg_nn.networks.vector_field_unet`);
     on by default since 2026-12-03 (2d CPU protocol, ``benchmarks/RESULTS.md``), a block written before (no key)
     means off. ``dropout``: channel dropout with this probability after every convolution of the UNet blocks (nnU-Net's
-    ``dropout_op``; 0 = none, the default), which ``mfs_predict --mc_dropout`` samples at inference.
+    ``dropout_op``; 0 = none, the default), which ``mfs_predict --mc_dropout`` samples at inference;
+    ``dropout_stages``: only the blocks of these stages (encoder, conditioning encoder and decoder at that
+    resolution; negative counts from the deepest, written out by :meth:`resolved`); ``None`` = every stage.
     """
 
     use_dbsa: bool = True
@@ -44,6 +46,7 @@ class NetworkOptions:
     deep_supervision: bool = True
     time_scaled_x_t: bool = True
     dropout: float = 0.0
+    dropout_stages: Optional[list[int]] = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout < 1.0:
@@ -52,9 +55,14 @@ class NetworkOptions:
     def resolved(self, n_stages: int) -> "NetworkOptions":
         """The same options with the default placements written out for a network of ``n_stages`` stages, so
         that plans saved with a trained model keep describing it when the code's defaults change."""
+        dropout_stages = None if self.dropout_stages is None else sorted(s % n_stages for s in self.dropout_stages)
+        if dropout_stages is not None and (any(not -n_stages <= s < n_stages for s in self.dropout_stages)
+                                           or len(set(dropout_stages)) < len(dropout_stages)):
+            raise ValueError(f"dropout_stages {self.dropout_stages} must be distinct stages of {n_stages}")
         return dataclasses.replace(
             self, dbsa_stages=default_dbsa_stages(n_stages) if self.dbsa_stages is None else list(self.dbsa_stages),
-            faa_stages=default_faa_stages(n_stages) if self.faa_stages is None else list(self.faa_stages))
+            faa_stages=default_faa_stages(n_stages) if self.faa_stages is None else list(self.faa_stages),
+            dropout_stages=dropout_stages)
 
     def network_kwargs(self) -> dict[str, Any]:
         """The flow keywords of :class:`VectorFieldUNet` (``dropout`` is nnU-Net's ``dropout_op``, see
@@ -63,7 +71,7 @@ class NetworkOptions:
                 "faa_stages": self.faa_stages if self.use_faa else [],
                 "time_embed_dim": self.time_embed_dim, "cond_features_divisor": self.cond_features_divisor,
                 "faa_num_bands": self.faa_num_bands, "deep_supervision": self.deep_supervision,
-                "time_scaled_x_t": self.time_scaled_x_t}
+                "time_scaled_x_t": self.time_scaled_x_t, "dropout_stages": self.dropout_stages}
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ from typing import Optional, Union
 import numpy as np
 import torch
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
-from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
@@ -42,6 +41,8 @@ from medflowseg_nn.model import build_vector_field, check_memory_estimate
 from medflowseg_nn.pretrained import unwrap
 from medflowseg_nn.temperature import fit_validation_temperature
 from medflowseg_nn.trainers.label_definition import check_label_definition
+from medflowseg_nn.trainers.micro_batches import accumulate_gradients, rows_of, rows_within
+from medflowseg_nn.trainers.validation_stats import hard_stats
 
 #: ``[B, 1, *S]`` labels, or nnU-Net's deep-supervision list of them (full resolution first)
 Target = Union[torch.Tensor, list[torch.Tensor]]
@@ -60,6 +61,10 @@ class MedFlowSegTrainer(nnUNetTrainer):
     val_multistep_steps: int = 4
     #: fit a temperature on the final validation (:func:`medflowseg_nn.temperature.fit_validation_temperature`)
     fit_temperature: bool = True
+    #: CPU training: MiB of the full-resolution decoder map per micro-batch (trainers.micro_batches); None: one batch
+    cpu_micro_batch_mib: Optional[float] = 64.0
+    #: network rows per loaded image (a variant that trains every image twice sets 2)
+    network_rows_per_image: int = 1
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -209,41 +214,36 @@ class MedFlowSegTrainer(nnUNetTrainer):
             self._progress = None
         super().on_train_epoch_end(train_outputs)
 
+    def micro_batch_rows(self, batch_size: int) -> int:
+        """Loader rows per micro-batch of :meth:`train_step` (:mod:`medflowseg_nn.trainers.micro_batches`): on the
+        CPU the rows whose full-resolution decoder map fits :attr:`cpu_micro_batch_mib`; elsewhere the batch."""
+        budget = self.cpu_micro_batch_mib if self.device.type == "cpu" else None
+        features = self.configuration_manager.network_arch_init_kwargs["features_per_stage"]
+        return rows_within(budget, features, self.configuration_manager.patch_size, batch_size,
+                           self.network_rows_per_image)
+
     def train_step(self, batch: dict) -> dict:
         image = batch["data"].to(self.device, non_blocking=True)
         target = self._to_device(batch["target"])
         self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            losses = self._flow_loss(image, target)
-        loss = losses["loss"]
+
+        def loss_of(rows: slice) -> torch.Tensor:
+            with self._autocast():
+                return self._flow_loss(image[rows], rows_of(target, rows))["loss"]
+        loss = accumulate_gradients(self.network, image.shape[0], self.micro_batch_rows(image.shape[0]), loss_of,
+                                    self.grad_scaler)
         if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+        if self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
         if self._progress is not None:
             self._progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             self._progress.update()
-        return {"loss": loss.detach().cpu().numpy()}
-
-    def _hard_stats(self, logits: torch.Tensor, target: LabelTarget) -> np.ndarray:
-        """``[3, K-1]`` foreground tp, fp, fn of the argmax of ``logits`` (``[3, R]``: ``sigmoid > 0.5`` per region),
-        ignored voxels left out: nnU-Net's ``validation_step`` rules and its ``get_tp_fp_fn_tn``."""
-        regions = self.label_manager.has_regions
-        if regions:
-            predicted, reference = (torch.sigmoid(logits.float()) > 0.5).float(), target.labels
-        else:
-            predicted = torch.zeros_like(logits, dtype=torch.float32)
-            predicted.scatter_(1, logits.argmax(1, keepdim=True), 1)
-            reference = target.labels[:, None]
-        axes = [0] + list(range(2, logits.ndim))
-        tp, fp, fn, _ = get_tp_fp_fn_tn(predicted, reference, axes=axes, mask=target.mask)
-        return np.stack([v.detach().cpu().numpy()[0 if regions else 1:] for v in (tp, fp, fn)])
+        return {"loss": loss.cpu().numpy()}
 
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()
@@ -272,9 +272,9 @@ class MedFlowSegTrainer(nnUNetTrainer):
                                           self.flow_config.solver_config(steps=self.val_multistep_steps),
                                           self.flow_config.prior_seed, logit_scale=self.flow_config.logit_scale,
                                           multilabel=multilabel)
-                self._multistep_stats.append(self._hard_stats(segmenter(image), encoded))
+                self._multistep_stats.append(hard_stats(segmenter(image), encoded, multilabel))
         self._val_batch_index += 1
-        tp, fp, fn = self._hard_stats(logits, encoded)
+        tp, fp, fn = hard_stats(logits, encoded, multilabel)
         return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp, "fp_hard": fp, "fn_hard": fn}
 
     def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:

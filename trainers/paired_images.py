@@ -41,6 +41,7 @@ def twice(x: Target) -> Target:
 class MedFlowSegTrainer_pairedImages(MedFlowSegTrainer):
     #: what this step trains, written into the plans it saves: half of the rows at t = 0, every other on the own path
     flow_overrides = {"zero_fraction": 0.5, "own_estimate_fraction": 1.0}
+    network_rows_per_image = 2
 
     def _set_batch_size_and_oversample(self) -> None:
         """nnU-Net's batch size (per process under DDP), halved (rounded up) for the data loader: the network's

@@ -92,7 +92,8 @@ class VectorFieldUNet(nn.Module):
                  nonlin: Optional[Type[nn.Module]] = None, nonlin_kwargs: Optional[dict] = None,
                  deep_supervision: bool = False, time_embed_dim: int = 128, cond_features_divisor: int = 4,
                  dbsa_stages: Optional[Sequence[int]] = None, faa_stages: Optional[Sequence[int]] = None,
-                 faa_num_bands: int = 8, dbsa_dilations: Sequence[int] = (1, 2), time_scaled_x_t: bool = False):
+                 faa_num_bands: int = 8, dbsa_dilations: Sequence[int] = (1, 2), time_scaled_x_t: bool = False,
+                 dropout_stages: Optional[Sequence[int]] = None):
         super().__init__()
         #: the network sees ``t · x_t`` instead of x_t (see the module docstring)
         self.time_scaled_x_t = bool(time_scaled_x_t)
@@ -111,13 +112,21 @@ class VectorFieldUNet(nn.Module):
             raise ValueError(f"faa_stages {self.faa_stages} must index stages 0..{n_stages - 1}")
         block = dict(conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs, dropout_op=dropout_op,
                      dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
+        #: stages whose blocks (encoder, conditioning encoder, decoder) get ``dropout_op``; negative from the deepest
+        self.dropout_stages = list(range(n_stages)) if dropout_stages is None else sorted(
+            {s % n_stages for s in dropout_stages if -n_stages <= s < n_stages})
+        if dropout_stages is not None and len(self.dropout_stages) != len(set(dropout_stages)):
+            raise ValueError(f"dropout_stages {list(dropout_stages)} must be distinct stages of {n_stages}")
+
+        def block_at(stage: int) -> dict:
+            return block if stage in self.dropout_stages else {**block, "dropout_op": None}
 
         self.time_embed = TimeEmbedding(time_embed_dim)
         self.encoder = nn.ModuleList()
         c_in = input_channels + num_classes
         for s in range(n_stages):
             self.encoder.append(self.build_encoder_stage(s, n_conv_enc[s], conv_op, c_in, features[s],
-                                                         kernel_sizes[s], strides[s], block))
+                                                         kernel_sizes[s], strides[s], block_at(s)))
             c_in = features[s]
         self.encoder_time = nn.ModuleList(TimeModulation(time_embed_dim, f) for f in features)
 
@@ -128,7 +137,7 @@ class VectorFieldUNet(nn.Module):
         c_in = input_channels
         for s in range(cond_depth):
             self.cond_encoder.append(StackedConvBlocks(1, conv_op, c_in, self.cond_features[s], kernel_sizes[s],
-                                                       strides[s], **block))
+                                                       strides[s], **block_at(s)))
             c_in = self.cond_features[s]
 
         self.upsample = nn.ModuleList()
@@ -138,7 +147,7 @@ class VectorFieldUNet(nn.Module):
             self.upsample.append(transp(features[s + 1], features[s], strides[s + 1], strides[s + 1],
                                         bias=conv_bias))
             self.decoder.append(StackedConvBlocks(n_conv_dec[s], conv_op, 2 * features[s], features[s],
-                                                  kernel_sizes[s], 1, **block))
+                                                  kernel_sizes[s], 1, **block_at(s)))
         self.decoder_time = nn.ModuleList(TimeModulation(time_embed_dim, features[s])
                                           for s in range(n_stages - 2, -1, -1))
         self.seg_head = conv_op(features[0], num_classes, 1, 1, 0, bias=True)

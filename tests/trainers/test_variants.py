@@ -76,6 +76,31 @@ def test_dropout_variant_puts_channel_dropout_after_every_unet_convolution(plann
     assert not any(isinstance(m, torch.nn.Dropout3d) for m in default.modules())
 
 
+def test_deep_dropout_variant_thins_only_the_two_deepest_stages(planned):
+    plans, pm = fresh(planned)
+    n_stages = plans["configurations"][CONFIG]["architecture"]["arch_kwargs"]["n_stages"]
+    net = variants.MedFlowSegTrainer_deepDropout.build_network_architecture(pm, pm.get_configuration(CONFIG), 1, 3,
+                                                                            False)
+    deep = [n_stages - 2, n_stages - 1]
+    assert net.dropout_stages == deep
+
+    def thinned(part: torch.nn.Module) -> bool:
+        return any(isinstance(m, torch.nn.Dropout3d) and m.p == 0.1 for m in part.modules())
+    assert [thinned(stage) for stage in net.encoder] == [s in deep for s in range(n_stages)]
+    decoder_stages = range(n_stages - 2, -1, -1)  # the decoder runs from the deepest skip up
+    assert [thinned(stage) for stage in net.decoder] == [s in deep for s in decoder_stages]
+    assert [thinned(stage) for stage in net.cond_encoder] == [s in deep for s in range(len(net.cond_encoder))]
+    saved = make_trainer(variants.MedFlowSegTrainer_deepDropout, planned, plans).plans_manager.plans[PLANS_KEY]
+    assert saved["network"]["dropout_stages"] == deep  # the saved plans name the stages, not "the deepest two"
+
+
+@pytest.mark.parametrize("stages", [[4], [-5], [1, -3]])
+def test_dropout_stages_outside_the_network_or_twice_are_refused(stages):
+    from medflowseg_nn.config import NetworkOptions
+    with pytest.raises(ValueError, match="dropout_stages"):  # [1, -3] is stage 1 twice in a 4-stage network
+        NetworkOptions(dropout=0.1, dropout_stages=stages).resolved(4)
+
+
 def test_velocity_variant_trains_and_losses_the_velocity_parameterization(planned):
     plans, pm = fresh(planned)
     cm = pm.get_configuration(CONFIG)
@@ -135,8 +160,10 @@ def test_resolved_flow_config_is_pure_and_idempotent(planned):
         assert config.network.dbsa_stages is not None and config.network.faa_stages is not None
         for key, value in cls.flow_overrides.items():
             assert getattr(config, key) == value
-        for key, value in cls.network_overrides.items():
-            assert getattr(config.network, key) == value
+        n_stages = cm.network_arch_init_kwargs["n_stages"]
+        for key, value in cls.network_overrides.items():  # stages counted from the deepest are written out
+            assert getattr(config.network, key) == ([s % n_stages for s in value] if key == "dropout_stages"
+                                                    else value)
         again = cls.resolved_flow_config({**plans, PLANS_KEY: config.to_dict()}, cm)
         assert again == config, cls.__name__
     assert plans[PLANS_KEY]["network"]["dbsa_stages"] is None  # the planner leaves the default placement open
