@@ -152,3 +152,10 @@ class MedFlowSegTrainer_wholeBatch(MedFlowSegTrainer):
     """Every training step's batch through one forward and backward on the CPU too (no micro-batches; before
     2026-12-05 the only behaviour): for comparisons of the step's time."""
     cpu_micro_batch_mib = None
+
+
+class MedFlowSegTrainer_microBatches3(MedFlowSegTrainer):
+    """Micro-batches scaled to small batches: the budget that splits the 2d Hippocampus plans' 277 rows into 3
+    chunks (64 MiB) scaled by 32 / 277, so that the 2d CPU protocol's batch of 32 runs as 3 chunks (11 + 11 + 10
+    rows) as the planned batch does: measures what the chunked batch Dice does to accuracy."""
+    cpu_micro_batch_mib = 64.0 * 32 / 277
