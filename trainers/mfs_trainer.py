@@ -216,8 +216,8 @@ class MedFlowSegTrainer(nnUNetTrainer):
 
     def micro_batch_rows(self, batch_size: int) -> int:
         """Loader rows per micro-batch of :meth:`train_step` (:mod:`medflowseg_nn.trainers.micro_batches`): on the
-        CPU the rows whose full-resolution decoder map fits :attr:`cpu_micro_batch_mib`; elsewhere the batch."""
-        budget = self.cpu_micro_batch_mib if self.device.type == "cpu" else None
+        CPU the rows whose full-resolution decoder map fits :attr:`cpu_micro_batch_mib`; else (and under DDP) all."""
+        budget = self.cpu_micro_batch_mib if self.device.type == "cpu" and not self.is_ddp else None
         features = self.configuration_manager.network_arch_init_kwargs["features_per_stage"]
         return rows_within(budget, features, self.configuration_manager.patch_size, batch_size,
                            self.network_rows_per_image)
@@ -230,8 +230,7 @@ class MedFlowSegTrainer(nnUNetTrainer):
         def loss_of(rows: slice) -> torch.Tensor:
             with self._autocast():
                 return self._flow_loss(image[rows], rows_of(target, rows))["loss"]
-        loss = accumulate_gradients(self.network, image.shape[0], self.micro_batch_rows(image.shape[0]), loss_of,
-                                    self.grad_scaler)
+        loss = accumulate_gradients(image.shape[0], self.micro_batch_rows(image.shape[0]), loss_of, self.grad_scaler)
         if self.grad_scaler is not None:
             self.grad_scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)

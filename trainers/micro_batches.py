@@ -11,12 +11,12 @@ On an accelerator the split would only cost parallelism, so CUDA keeps one chunk
 What changes against one chunk: the per-row loss terms (flow MSE, cross-entropy) are the same up to float rounding;
 the batch soft Dice of the flow loss and nnU-Net's Dice of the deep-supervision heads are taken over each chunk's
 rows (the loss of a chunk is weighted by its share of the rows); t and the priors are drawn per chunk from the same
-distributions. Under DDP only the last chunk's backward synchronises the gradients (``no_sync``).
+distributions. Under DDP (torchrun) each rank keeps its whole batch: the ranks' batches can differ by a row, and
+the batch Dice's all-gather needs the same number of chunks on every rank.
 """
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -57,17 +57,14 @@ def rows_within(budget_mib: Optional[float], features: Union[int, Sequence[int]]
     return max(1, min(batch_size, int(budget_mib * 2 ** 20 // row_bytes)))
 
 
-def accumulate_gradients(network: torch.nn.Module, batch_size: int, max_rows: int,
-                         loss_of: Callable[[slice], torch.Tensor], grad_scaler=None) -> torch.Tensor:
+def accumulate_gradients(batch_size: int, max_rows: int, loss_of: Callable[[slice], torch.Tensor],
+                         grad_scaler=None) -> torch.Tensor:
     """Backward of ``loss_of(rows) × len(rows) / batch_size`` for every micro-batch of :func:`micro_batch_slices`
     (through ``grad_scaler`` when given); returns the weighted sum, detached: the batch's loss. Gradients add up in
     the parameters' ``.grad``; the caller zeroes them before and steps after."""
-    chunks = micro_batch_slices(batch_size, max_rows)
     total = torch.zeros(())
-    for i, rows in enumerate(chunks):
-        last = i == len(chunks) - 1
-        with nullcontext() if last or not hasattr(network, "no_sync") else network.no_sync():
-            part = loss_of(rows) * ((rows.stop - rows.start) / batch_size)
-            (part if grad_scaler is None else grad_scaler.scale(part)).backward()
+    for rows in micro_batch_slices(batch_size, max_rows):
+        part = loss_of(rows) * ((rows.stop - rows.start) / batch_size)
+        (part if grad_scaler is None else grad_scaler.scale(part)).backward()
         total = total.to(part.device) + part.detach()
     return total

@@ -1,8 +1,6 @@
 """Micro-batches of the CPU training step (``medflowseg_nn.trainers.micro_batches`` and ``train_step``)."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 import pytest
 import torch
@@ -46,30 +44,20 @@ def test_rows_of_tensors_and_deep_supervision_lists():
     assert torch.equal(ds[0], x[2:]) and torch.equal(ds[1], x[2:, :1])
 
 
-class Linear(torch.nn.Linear):
-    """A model with DDP's ``no_sync``, counting the chunks that ran inside it."""
-    unsynced = 0
-
-    @contextmanager
-    def no_sync(self):
-        type(self).unsynced += 1
-        yield
-
-
 @pytest.mark.parametrize("max_rows", [1, 2, 3, 5])
 def test_accumulated_gradients_equal_the_whole_batch_for_a_per_row_loss(max_rows):
     torch.manual_seed(0)
-    model, x, y = Linear(3, 2), torch.randn(5, 3), torch.randn(5, 2)
+    model, x, y = torch.nn.Linear(3, 2), torch.randn(5, 3), torch.randn(5, 2)
     ((model(x) - y) ** 2).mean().backward()
     expected = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    Linear.unsynced = 0
-    loss = accumulate_gradients(model, 5, max_rows, lambda r: ((model(x[r]) - y[r]) ** 2).mean())
+    chunks = []
+    loss = accumulate_gradients(5, max_rows, lambda r: chunks.append(r) or ((model(x[r]) - y[r]) ** 2).mean())
+    assert chunks == micro_batch_slices(5, max_rows)
     assert loss.item() == pytest.approx(((model(x) - y) ** 2).mean().item(), rel=1e-6)
     assert not loss.requires_grad
     for p, g in zip(model.parameters(), expected):
         assert torch.allclose(p.grad, g, atol=1e-6)
-    assert Linear.unsynced == len(micro_batch_slices(5, max_rows)) - 1  # only the last chunk synchronises
 
 
 def test_the_trainer_splits_on_the_cpu_only_and_the_variant_never(planned):
@@ -78,6 +66,8 @@ def test_the_trainer_splits_on_the_cpu_only_and_the_variant_never(planned):
     trainer.cpu_micro_batch_mib = 1e-6
     assert trainer.micro_batch_rows(plans_batch) == 1
     trainer.device = torch.device("cuda")  # only read here, nothing runs on it
+    assert trainer.micro_batch_rows(plans_batch) == plans_batch
+    trainer.device, trainer.is_ddp = torch.device("cpu"), True  # ranks' batches may differ: one chunk each
     assert trainer.micro_batch_rows(plans_batch) == plans_batch
     whole = make_trainer(planned, MedFlowSegTrainer_wholeBatch)
     assert whole.cpu_micro_batch_mib is None and whole.micro_batch_rows(plans_batch) == plans_batch
