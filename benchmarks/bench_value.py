@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows of ours with K=4 drawn hypotheses (mfs_predict --hypotheses) at the picked setting")
     p.add_argument("--mc_dropout", action="store_true", help="a row of ours with K=4 one-step model samples "
                    "(mfs_predict --mc_dropout; needs an --ours_trainer with dropout, e.g. MedFlowSegTrainer_dropout)")
+    p.add_argument("--one_step_only", action="store_true", help="ours at one step only (no multi-step or K rows, "
+                   "no selection on validation): a quick accuracy check of a trainer variant")
     p.add_argument("--ours_ensemble_folds", type=int, nargs="*", default=[],
                    help="folds of ours (first seed, one step) whose mean is the 'ours ensemble' row; none: no row")
     p.add_argument("--flow", nargs="*", default=[], metavar="KEY=VALUE",
@@ -200,8 +202,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return data, props, sitk.GetArrayFromImage(img).astype(np.int64), np.asarray(img.GetSpacing())[::-1], img
 
     sel_cases = sorted(splits[0]["val"])[: args.select_cases]
-    best_name, best_solver, best_steps = select_setting(models[f"ours_f0_s{s0}"][0], args, sel_cases, inputs)
-    ours_settings = SINGLE + [("K=4 1 step", "euler", 1, 4)]
+    best_name, best_solver, best_steps = ("1 step", "euler", 1) if args.one_step_only else select_setting(
+        models[f"ours_f0_s{s0}"][0], args, sel_cases, inputs)
+    ours_settings = SINGLE[:1] if args.one_step_only else SINGLE + [("K=4 1 step", "euler", 1, 4)]
     if best_name != "1 step":
         ours_settings.append((f"K=4 {best_name}", best_solver, best_steps, 4))
     drawn = (best_name, best_solver, best_steps) if best_name != "1 step" else ("Euler N=2", "euler", 2)
