@@ -202,6 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return data, props, sitk.GetArrayFromImage(img).astype(np.int64), np.asarray(img.GetSpacing())[::-1], img
 
     sel_cases = sorted(splits[0]["val"])[: args.select_cases]
+    args.selection = {"cases": sel_cases, "dice": {}, "best": "1 step"}  # what --one_step_only reports
     best_name, best_solver, best_steps = ("1 step", "euler", 1) if args.one_step_only else select_setting(
         models[f"ours_f0_s{s0}"][0], args, sel_cases, inputs)
     ours_settings = SINGLE[:1] if args.one_step_only else SINGLE + [("K=4 1 step", "euler", 1, 4)]
