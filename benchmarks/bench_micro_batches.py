@@ -30,19 +30,18 @@ METHODS = ("ours", "nnunet")
 
 
 def fwd_bwd(network, method: str, inputs: tuple, chunks: int) -> float:
-    """Seconds of one forward + backward of the whole batch in ``chunks`` micro-batches."""
-    import torch
-    from medflowseg_nn.trainers.micro_batches import micro_batch_slices
+    """Seconds of one forward + backward of the whole batch in ``chunks`` micro-batches, through the trainer's
+    :func:`~medflowseg_nn.trainers.micro_batches.accumulate_gradients`."""
+    from medflowseg_nn.trainers.micro_batches import accumulate_gradients
     image, x_t, t = inputs
     batch = image.shape[0]
+
+    def loss_of(rows: slice):
+        out = network(image[rows], x_t[rows], t[rows]) if method == "ours" else network(image[rows])
+        return sum(o.float().square().mean() for o in (out if isinstance(out, (list, tuple)) else [out]))
     network.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
-    for rows in micro_batch_slices(batch, -(-batch // chunks)):
-        out = network(image[rows], x_t[rows], t[rows]) if method == "ours" else network(image[rows])
-        out = out if isinstance(out, (list, tuple)) else [out]
-        loss = sum(o.float().square().mean() for o in out) * ((rows.stop - rows.start) / batch)
-        loss.backward()
-    torch.cuda.synchronize() if image.is_cuda else None
+    accumulate_gradients(batch, -(-batch // chunks), loss_of)
     return time.perf_counter() - t0
 
 

@@ -13,6 +13,7 @@ from typing import Any, Optional
 from medflowseg_nn.flow.loss import PARAMETERIZATIONS
 from medflowseg_nn.flow.path import TimeSampler, build_time_sampler
 from medflowseg_nn.flow.solver import SolverConfig
+from medflowseg_nn.networks.layers import stage_indices
 from medflowseg_nn.networks.vector_field_unet import default_dbsa_stages, default_faa_stages
 
 PLANS_KEY = "flow_matching"
@@ -55,10 +56,8 @@ class NetworkOptions:
     def resolved(self, n_stages: int) -> "NetworkOptions":
         """The same options with the default placements written out for a network of ``n_stages`` stages, so
         that plans saved with a trained model keep describing it when the code's defaults change."""
-        dropout_stages = None if self.dropout_stages is None else sorted(s % n_stages for s in self.dropout_stages)
-        if dropout_stages is not None and (any(not -n_stages <= s < n_stages for s in self.dropout_stages)
-                                           or len(set(dropout_stages)) < len(dropout_stages)):
-            raise ValueError(f"dropout_stages {self.dropout_stages} must be distinct stages of {n_stages}")
+        dropout_stages = None if self.dropout_stages is None else stage_indices(self.dropout_stages, n_stages,
+                                                                                "dropout_stages")
         return dataclasses.replace(
             self, dbsa_stages=default_dbsa_stages(n_stages) if self.dbsa_stages is None else list(self.dbsa_stages),
             faa_stages=default_faa_stages(n_stages) if self.faa_stages is None else list(self.faa_stages),

@@ -1,7 +1,7 @@
 """Small helpers shared by the network modules."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -81,3 +81,12 @@ def use_onednn_convs(module: nn.Module) -> nn.Module:
         else:
             use_onednn_convs(child)
     return module
+
+
+def stage_indices(stages: Sequence[int], n_stages: int, name: str) -> list[int]:
+    """``stages`` of an ``n_stages``-stage network as sorted indices, negative ones counted from the deepest
+    (``[-2, -1]`` of 4 stages: ``[2, 3]``); a stage out of range or named twice raises ``ValueError``."""
+    indices = sorted(s % n_stages for s in stages if -n_stages <= s < n_stages)
+    if len(indices) != len(stages) or len(set(indices)) != len(indices):
+        raise ValueError(f"{name} {list(stages)} must be distinct stages of {n_stages}")
+    return indices

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from medflowseg_nn.networks.dual_branch_spatial_attention import DualBranchSpatialAttention
 from medflowseg_nn.networks.frequency_aware_attention import FrequencyAwareAttention
-from medflowseg_nn.networks.layers import conv_with, use_onednn_convs
+from medflowseg_nn.networks.layers import conv_with, stage_indices, use_onednn_convs
 from medflowseg_nn.networks.time_embedding import TimeEmbedding, TimeModulation
 
 logger = logging.getLogger(__name__)
@@ -113,10 +113,8 @@ class VectorFieldUNet(nn.Module):
         block = dict(conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs, dropout_op=dropout_op,
                      dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
         #: stages whose blocks (encoder, conditioning encoder, decoder) get ``dropout_op``; negative from the deepest
-        self.dropout_stages = list(range(n_stages)) if dropout_stages is None else sorted(
-            {s % n_stages for s in dropout_stages if -n_stages <= s < n_stages})
-        if dropout_stages is not None and len(self.dropout_stages) != len(set(dropout_stages)):
-            raise ValueError(f"dropout_stages {list(dropout_stages)} must be distinct stages of {n_stages}")
+        self.dropout_stages = list(range(n_stages)) if dropout_stages is None else stage_indices(
+            dropout_stages, n_stages, "dropout_stages")
 
         def block_at(stage: int) -> dict:
             return block if stage in self.dropout_stages else {**block, "dropout_op": None}

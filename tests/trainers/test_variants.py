@@ -19,6 +19,7 @@ from medflowseg_nn.flow.path import LinearPath
 from medflowseg_nn.model import build_vector_field
 from medflowseg_nn.networks.dual_branch_spatial_attention import DualBranchSpatialAttention
 from medflowseg_nn.networks.frequency_aware_attention import FrequencyAwareAttention
+from medflowseg_nn.networks.layers import stage_indices
 from medflowseg_nn.trainers import variants
 from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer
 from tests.conftest import plan_synthetic_dataset
@@ -99,6 +100,9 @@ def test_dropout_stages_outside_the_network_or_twice_are_refused(stages):
     from medflowseg_nn.config import NetworkOptions
     with pytest.raises(ValueError, match="dropout_stages"):  # [1, -3] is stage 1 twice in a 4-stage network
         NetworkOptions(dropout=0.1, dropout_stages=stages).resolved(4)
+    with pytest.raises(ValueError, match="dropout_stages"):  # the network's own check is the same function
+        stage_indices(stages, 4, "dropout_stages")
+    assert stage_indices([-2, -1], 4, "dropout_stages") == [2, 3]
 
 
 def test_velocity_variant_trains_and_losses_the_velocity_parameterization(planned):
