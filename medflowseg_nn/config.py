@@ -93,6 +93,8 @@ class FlowMatchingConfig:
             and those on the sampler's own path (:func:`~medflowseg_nn.flow.own_estimate.label_free`) — instead
             of the t = 0 samples only (``False``, the meaning of a block without the key). Needs
             ``own_estimate_fraction`` > 0 (refused otherwise: it would change nothing).
+        label_smoothing_sigma: σ of the spatially varying label smoothing of the CE target of the full-resolution
+            output (:mod:`medflowseg_nn.flow.label_smoothing`); 0 = the one-hot target (nnU-Net's CE).
     """
 
     parameterization: str = "x1"
@@ -110,6 +112,7 @@ class FlowMatchingConfig:
     prior_seed: int = 0
     own_estimate_fraction: float = 1.0
     aux_on_own_estimate: bool = False
+    label_smoothing_sigma: float = 0.0
     network: NetworkOptions = field(default_factory=NetworkOptions)
 
     def __post_init__(self) -> None:
@@ -128,6 +131,8 @@ class FlowMatchingConfig:
             raise ValueError("flow_matching.aux_on_own_estimate needs own_estimate_fraction > 0: with 0 no sample is on "
                              "the own path and the option would change nothing (a block written before the "
                              "own-estimate default means 0; set own_estimate_fraction to use it)")
+        if self.label_smoothing_sigma < 0:
+            raise ValueError(f"flow_matching.label_smoothing_sigma must be >= 0, got {self.label_smoothing_sigma}")
         self.build_time_sampler()
         self.solver_config()
 

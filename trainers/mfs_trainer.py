@@ -125,7 +125,7 @@ class MedFlowSegTrainer(nnUNetTrainer):
         c = self.flow_config
         self.aux_seg_loss = self._build_aux_seg_loss()
         return FlowMatchingLoss(c.parameterization, c.mse_weight, c.seg_weight, c.logit_scale, ddp=self.is_ddp,
-                                multilabel=self.label_manager.has_regions)
+                                multilabel=self.label_manager.has_regions, smoothing_sigma=c.label_smoothing_sigma)
 
     def _build_aux_seg_loss(self) -> Optional[nn.Module]:
         """nnU-Net's deep-supervision loss (its ``DC_and_CE_loss`` / ``DC_and_BCE_loss`` for regions, its weights

@@ -148,6 +148,13 @@ class MedFlowSegTrainer_deepDropout(MedFlowSegTrainer):
     network_overrides = {"dropout": 0.1, "dropout_stages": [-2, -1]}
 
 
+class MedFlowSegTrainer_spatialLabelSmoothing(MedFlowSegTrainer):
+    """Spatially varying label smoothing (SVLS, σ = 1) of the full-resolution output's CE target: boundary voxels
+    learn soft targets, the interior stays one-hot (:mod:`medflowseg_nn.flow.label_smoothing`), for calibration
+    where a fold ensemble's members disagree (issue #9)."""
+    flow_overrides = {"label_smoothing_sigma": 1.0}
+
+
 class MedFlowSegTrainer_wholeBatch(MedFlowSegTrainer):
     """Every training step's batch through one forward and backward on the CPU too (no micro-batches; before
     2026-12-05 the only behaviour): for comparisons of the step's time."""

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medflowseg_nn.flow.label_smoothing import spatially_smoothed
 from medflowseg_nn.flow.path import PathSample, expand_time
 
 PARAMETERIZATIONS = ("velocity", "x1")
@@ -97,12 +98,20 @@ def masked_mean(values: Tensor, mask: Optional[Tensor]) -> Tensor:
 
 
 def cross_entropy_loss(logits: Tensor, seg: Tensor, mask: Optional[Tensor] = None,
-                       multilabel: bool = False) -> Tensor:
+                       multilabel: bool = False, smoothing_sigma: float = 0.0) -> Tensor:
     """CE (classes, ``seg [B, *S]`` long) or BCE with logits (``multilabel``, ``seg [B, C, *S]`` {0, 1}),
     averaged over the voxels that ``mask`` keeps. Without a mask these are nnU-Net's CE and BCE; with one, the
     CE is nnU-Net's ``ignore_index`` CE, and the BCE is nnU-Net's masked BCE divided by C (nnU-Net sums the C
-    channels per voxel under a mask but averages them without one; here it is always the mean)."""
-    if multilabel:
+    channels per voxel under a mask but averages them without one; here it is always the mean).
+    ``smoothing_sigma`` > 0: the target is spatially smoothed (SVLS, :mod:`medflowseg_nn.flow.label_smoothing`)."""
+    if smoothing_sigma > 0:
+        target = seg.float() if multilabel else F.one_hot(seg, logits.shape[1]).movedim(-1, 1).float()
+        soft = spatially_smoothed(target, smoothing_sigma, mask)
+        if multilabel:
+            values = F.binary_cross_entropy_with_logits(logits.float(), soft, reduction="none")
+        else:
+            values = F.cross_entropy(logits.float(), soft, reduction="none")[:, None]
+    elif multilabel:
         values = F.binary_cross_entropy_with_logits(logits.float(), seg.float(), reduction="none")
     else:
         values = F.cross_entropy(logits.float(), seg, reduction="none")[:, None]
@@ -114,11 +123,13 @@ class FlowMatchingLoss(nn.Module):
 
     The MSE is taken on the velocity for the ``velocity`` parameterisation and on the clean-mask estimate for
     ``x1`` (velocity MSE weighted by (1 − t)², which stays finite as t → 1). ``multilabel``: the label space is
-    R binary region channels (sigmoid), see the module docstring.
+    R binary region channels (sigmoid), see the module docstring. ``smoothing_sigma`` > 0: the CE / BCE target
+    is spatially smoothed (SVLS); the Dice term and the MSE keep the hard mask.
     """
 
     def __init__(self, parameterization: str = "x1", mse_weight: float = 1.0, seg_weight: float = 1.0,
-                 logit_scale: float = 5.0, ddp: bool = False, multilabel: bool = False):
+                 logit_scale: float = 5.0, ddp: bool = False, multilabel: bool = False,
+                 smoothing_sigma: float = 0.0):
         super().__init__()
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"unknown parameterization {parameterization!r}; use one of {PARAMETERIZATIONS}")
@@ -128,6 +139,7 @@ class FlowMatchingLoss(nn.Module):
         self.logit_scale = logit_scale
         self.ddp = ddp  #: batch Dice over the global batch of all ranks (see soft_dice_loss)
         self.multilabel = multilabel
+        self.smoothing_sigma = smoothing_sigma  #: SVLS of the CE target (0 = the one-hot target)
 
     def forward(self, raw: Tensor, path: PathSample, seg: Tensor,
                 mask: Optional[Tensor] = None) -> dict[str, Tensor]:
@@ -146,6 +158,7 @@ class FlowMatchingLoss(nn.Module):
             mse = masked_mean((out.x1_hat - path.x1.float()) ** 2, mask)
         zero = raw.new_zeros(())
         seg_loss = (soft_dice_loss(out.logits, seg, ddp=self.ddp, mask=mask, multilabel=self.multilabel)
-                    + cross_entropy_loss(out.logits, seg, mask, self.multilabel)) if self.seg_weight > 0 else zero
+                    + cross_entropy_loss(out.logits, seg, mask, self.multilabel, self.smoothing_sigma)
+                    if self.seg_weight > 0 else zero)
         loss = self.mse_weight * mse + self.seg_weight * seg_loss
         return {"loss": loss, "mse": mse.detach(), "seg": seg_loss.detach()}
