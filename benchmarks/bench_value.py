@@ -275,9 +275,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     budget = (f"{args.epochs} epochs x {args.iterations_per_epoch} iterations, batch {args.batch_size}, "
               f"seeds {args.seeds}, ours = {args.ours_trainer}{''.join(' ' + f for f in args.flow)}")
     head = (f"{name} {args.configuration}, {len(test)} held-out test cases ({test[0]} .. {test[-1]}), {budget}; "
-            f"TTA off; K=4 setting picked on {len(sel_cases)} fold-0 validation cases: {args.selection['best']} "
-            f"({', '.join(f'{k} {v:.3f}' for k, v in args.selection['dice'].items())}); "
-            f"train {train_done - t_start:.0f} s, total {total_s:.0f} s")
+            + ("TTA off; ours at one step only (--one_step_only: no K=4 selection); " if args.one_step_only else
+               f"TTA off; K=4 setting picked on {len(sel_cases)} fold-0 validation cases: {args.selection['best']} "
+               f"({', '.join(f'{k} {v:.3f}' for k, v in args.selection['dice'].items())}); ")
+            + f"train {train_done - t_start:.0f} s, total {total_s:.0f} s")
     print(f"\n{head}\n\nA. Segmentation, case-level Spearman, network s/case (mean over seeds, min–max)\n{seg_table}"
           f"\n\nB. Calibration, pooled over test voxels: all voxels / ROI = reference foreground dilated by "
           f"{args.roi_dilation} voxels (cube)\n{cal_table}")
