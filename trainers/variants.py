@@ -148,6 +148,19 @@ class MedFlowSegTrainer_deepDropout(MedFlowSegTrainer):
     network_overrides = {"dropout": 0.1, "dropout_stages": [-2, -1]}
 
 
+class MedFlowSegTrainer_shallowDropout(MedFlowSegTrainer):
+    """Channel dropout 0.1 in the full-resolution stage only (encoder, conditioning encoder and decoder blocks at
+    the image's resolution): the other end of ``MedFlowSegTrainer_deepDropout``, to locate where MC dropout's useful
+    diversity and its accuracy cost sit (issue #9)."""
+    network_overrides = {"dropout": 0.1, "dropout_stages": [0]}
+
+
+class MedFlowSegTrainer_lightDropout(MedFlowSegTrainer):
+    """Channel dropout 0.05 after every UNet convolution: half of ``MedFlowSegTrainer_dropout``'s rate, a point
+    between its calibrated but less accurate MC-dropout samples and the defaults (issue #9)."""
+    network_overrides = {"dropout": 0.05}
+
+
 class MedFlowSegTrainer_spatialLabelSmoothing(MedFlowSegTrainer):
     """Spatially varying label smoothing (SVLS, σ = 1) of the full-resolution output's CE target: boundary voxels
     learn soft targets, the interior stays one-hot (:mod:`medflowseg_nn.flow.label_smoothing`), for calibration
