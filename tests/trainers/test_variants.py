@@ -95,6 +95,25 @@ def test_deep_dropout_variant_thins_only_the_two_deepest_stages(planned):
     assert saved["network"]["dropout_stages"] == deep  # the saved plans name the stages, not "the deepest two"
 
 
+@pytest.mark.parametrize("cls,p,stages", [(variants.MedFlowSegTrainer_shallowDropout, 0.1, [0]),
+                                           (variants.MedFlowSegTrainer_lightDropout, 0.05, None)])
+def test_shallow_and_light_dropout_thin_what_they_claim(planned, cls, p, stages):
+    plans, pm = fresh(planned)
+    n_stages = plans["configurations"][CONFIG]["architecture"]["arch_kwargs"]["n_stages"]
+    net = cls.build_network_architecture(pm, pm.get_configuration(CONFIG), 1, 3, False)
+    thinned_stages = range(n_stages) if stages is None else stages
+    assert [any(isinstance(m, torch.nn.Dropout3d) and m.p == p for m in stage.modules()) for stage in net.encoder] \
+        == [s in thinned_stages for s in range(n_stages)]
+    assert not any(isinstance(m, torch.nn.Dropout3d) and m.p != p for m in net.modules())
+
+
+def test_label_smoothing_variant_builds_a_smoothing_loss(planned):
+    trainer = make_trainer(variants.MedFlowSegTrainer_spatialLabelSmoothing, planned, fresh(planned)[0])
+    assert trainer.plans_manager.plans[PLANS_KEY]["label_smoothing_sigma"] == 1.0  # saved with the model
+    assert trainer._build_loss().smoothing_sigma == 1.0
+    assert make_trainer(MedFlowSegTrainer, planned, fresh(planned)[0])._build_loss().smoothing_sigma == 0.0
+
+
 @pytest.mark.parametrize("stages", [[4], [-5], [1, -3]])
 def test_dropout_stages_outside_the_network_or_twice_are_refused(stages):
     from medflowseg_nn.config import NetworkOptions
