@@ -13,7 +13,7 @@ Inference, TTA off, from the raw images: nnU-Net single = nnUNetPredictor; ensem
 probabilities in the raw geometry (``value_ensemble``; ours's fold ensemble likewise, members at one step); ours =
 MedFlowSegPredictor (prior seed 0) with 1 Euler step (K=1), Euler N=2, N=4, Heun N=2, K=4 samples at 1 step, and K=4
 at the best setting among those multi-step ones (and with ``--hypotheses``, K=4 there with drawn hypotheses; with
-``--mc_dropout``, K=4 one-step model samples of a model trained with dropout). "Best"
+``--mc_dropout [K]``, K (default 4) one-step model samples of a model trained with dropout). "Best"
 is chosen by mean Dice on ``--select_cases`` of fold 0's VALIDATION cases with the first seed's model, never on the
 test set. Metrics per run: mean foreground Dice and HD95 (``medflowseg_nn.evaluation``; Dice from the argmax of the
 probabilities), calibration (``medflowseg_nn.calibration``: ECE 15 bins, Brier, NLL, AURC) pooled over all test
@@ -143,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     from medflowseg_nn.inference.sampler import HYPOTHESES
     p.add_argument("--hypotheses", nargs="*", default=[], choices=[h for h in HYPOTHESES if h != "mean"],
                    help="rows of ours with K=4 drawn hypotheses (mfs_predict --hypotheses) at the picked setting")
-    p.add_argument("--mc_dropout", action="store_true", help="a row of ours with K=4 one-step model samples "
-                   "(mfs_predict --mc_dropout; needs an --ours_trainer with dropout, e.g. MedFlowSegTrainer_dropout)")
+    p.add_argument("--mc_dropout", type=int, nargs="?", const=4, default=0, metavar="K", help="a row of ours with "
+                   "K (4) one-step model samples (mfs_predict --mc_dropout; needs an --ours_trainer with dropout)")
     p.add_argument("--one_step_only", action="store_true", help="ours at one step only (no multi-step or K rows, "
                    "no selection on validation): a quick accuracy check of a trainer variant")
     p.add_argument("--ours_ensemble_folds", type=int, nargs="*", default=[],
@@ -210,7 +210,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ours_settings.append((f"K=4 {best_name}", best_solver, best_steps, 4))
     drawn = (best_name, best_solver, best_steps) if best_name != "1 step" else ("Euler N=2", "euler", 2)
     ours_settings += [(f"K=4 {drawn[0]} {h}", *drawn[1:], 4, h) for h in args.hypotheses]
-    ours_settings += [("K=4 1 step MC dropout", "euler", 1, 4, "mean", True)] if args.mc_dropout else []
+    ours_settings += [(f"K={args.mc_dropout} 1 step MC dropout", "euler", 1, args.mc_dropout, "mean", True)
+                      ] if args.mc_dropout else []
     runs: dict[str, tuple[str, Any]] = {}  # run id -> (method row, predictor or member list)
     for seed in args.seeds:
         runs[f"nnunet_single_s{seed}"] = ("nnU-Net single (fold 0)",
