@@ -228,7 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             runs[f"ours_f{fold}_s{s0}"] = ("", make_predictor(models[f"ours_f{fold}_s{s0}"][0], "ours", args))
     # temperature scaling (+ T rows): one T per run, fitted on the selection cases (fold-0 validation)
     calibrated = {"nnU-Net single (fold 0)", "ours 1 step", "ours K=4 1 step", f"ours K=4 {best_name}",
-                  *(f"ours K=4 {drawn[0]} {h}" for h in args.hypotheses), "ours K=4 1 step MC dropout"}
+                  *(f"ours K=4 {drawn[0]} {h}" for h in args.hypotheses), f"ours K={args.mc_dropout} 1 step MC dropout"}
     temps = {rid: fit_run_temperature(pred, args, sel_cases, inputs) for rid, (row, pred) in runs.items()
              if row in calibrated and not args.no_temperature}
     args.temperatures = temps
