@@ -128,8 +128,8 @@ class FlowMatchingConfig:
             raise ValueError("flow_matching.parameterization 'velocity' needs network.time_scaled_x_t false: the "
                              "velocity target x1 - x0 at t = 0 needs x0, which the time-scaled input t * x_t hides")
         if self.aux_on_own_estimate and self.own_estimate_fraction == 0:
-            raise ValueError("flow_matching.aux_on_own_estimate needs own_estimate_fraction > 0: with 0 no sample is on "
-                             "the own path and the option would change nothing (a block written before the "
+            raise ValueError("flow_matching.aux_on_own_estimate needs own_estimate_fraction > 0: with 0 no sample is "
+                             "on the own path and the option would change nothing (a block written before the "
                              "own-estimate default means 0; set own_estimate_fraction to use it)")
         if self.label_smoothing_sigma < 0:
             raise ValueError(f"flow_matching.label_smoothing_sigma must be >= 0, got {self.label_smoothing_sigma}")
