@@ -226,9 +226,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for fold in args.ours_ensemble_folds:
         if fold != 0:  # fold 0 of the first seed is the "ours 1 step" run
             runs[f"ours_f{fold}_s{s0}"] = ("", make_predictor(models[f"ours_f{fold}_s{s0}"][0], "ours", args))
-    # temperature scaling (+ T rows): one T per run, fitted on the selection cases (fold-0 validation)
-    calibrated = {"nnU-Net single (fold 0)", "ours 1 step", "ours K=4 1 step", f"ours K=4 {best_name}",
-                  *(f"ours K=4 {drawn[0]} {h}" for h in args.hypotheses), f"ours K={args.mc_dropout} 1 step MC dropout"}
+    # + T rows (nnU-Net single, ours 1 step, every ours row with K > 1): one T per run, fitted on the selection cases
+    calibrated = {"nnU-Net single (fold 0)", "ours 1 step", *(f"ours {s[0]}" for s in ours_settings if s[3] > 1)}
     temps = {rid: fit_run_temperature(pred, args, sel_cases, inputs) for rid, (row, pred) in runs.items()
              if row in calibrated and not args.no_temperature}
     args.temperatures = temps

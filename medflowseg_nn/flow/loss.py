@@ -104,17 +104,14 @@ def cross_entropy_loss(logits: Tensor, seg: Tensor, mask: Optional[Tensor] = Non
     CE is nnU-Net's ``ignore_index`` CE, and the BCE is nnU-Net's masked BCE divided by C (nnU-Net sums the C
     channels per voxel under a mask but averages them without one; here it is always the mean).
     ``smoothing_sigma`` > 0: the target is spatially smoothed (SVLS, :mod:`medflowseg_nn.flow.label_smoothing`)."""
+    target = seg.float() if multilabel else seg  # class indices, or class probabilities once smoothed
     if smoothing_sigma > 0:
-        target = seg.float() if multilabel else F.one_hot(seg, logits.shape[1]).movedim(-1, 1).float()
-        soft = spatially_smoothed(target, smoothing_sigma, mask)
-        if multilabel:
-            values = F.binary_cross_entropy_with_logits(logits.float(), soft, reduction="none")
-        else:
-            values = F.cross_entropy(logits.float(), soft, reduction="none")[:, None]
-    elif multilabel:
-        values = F.binary_cross_entropy_with_logits(logits.float(), seg.float(), reduction="none")
+        one_hot = target if multilabel else F.one_hot(seg, logits.shape[1]).movedim(-1, 1).float()
+        target = spatially_smoothed(one_hot, smoothing_sigma, mask)
+    if multilabel:
+        values = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
     else:
-        values = F.cross_entropy(logits.float(), seg, reduction="none")[:, None]
+        values = F.cross_entropy(logits.float(), target, reduction="none")[:, None]
     return masked_mean(values, mask)
 
 
