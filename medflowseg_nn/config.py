@@ -35,6 +35,8 @@ class NetworkOptions:
     ``dropout_op``; 0 = none, the default), which ``mfs_predict --mc_dropout`` samples at inference;
     ``dropout_stages``: only the blocks of these stages (encoder, conditioning encoder and decoder at that
     resolution; negative counts from the deepest, written out by :meth:`resolved`); ``None`` = every stage.
+    ``mimo_members``: M ≥ 2 trains M subnetworks in the channels of one UNet and predicts with their mean
+    probability (:mod:`medflowseg_nn.networks.mimo`); 1 (the default) = one network.
     """
 
     use_dbsa: bool = True
@@ -48,10 +50,13 @@ class NetworkOptions:
     time_scaled_x_t: bool = True
     dropout: float = 0.0
     dropout_stages: Optional[list[int]] = None
+    mimo_members: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"flow_matching.network.dropout must be in [0, 1), got {self.dropout}")
+        if self.mimo_members < 1:
+            raise ValueError(f"flow_matching.network.mimo_members must be >= 1, got {self.mimo_members}")
 
     def resolved(self, n_stages: int) -> "NetworkOptions":
         """The same options with the default placements written out for a network of ``n_stages`` stages, so
@@ -131,14 +136,20 @@ class FlowMatchingConfig:
             raise ValueError("flow_matching.aux_on_own_estimate needs own_estimate_fraction > 0: with 0 no sample is "
                              "on the own path and the option would change nothing (a block written before the "
                              "own-estimate default means 0; set own_estimate_fraction to use it)")
+        mimo = self.network.mimo_members > 1
+        if mimo and (self.parameterization != "x1" or self.own_estimate_fraction not in (0, 1)):
+            raise ValueError("flow_matching.network.mimo_members > 1 needs the x1 parameterization (its members' "
+                             "outputs are averaged as probabilities) and own_estimate_fraction 0 or 1 (a random "
+                             "share of the rows would split the members' groups)")
         if self.label_smoothing_sigma < 0:
             raise ValueError(f"flow_matching.label_smoothing_sigma must be >= 0, got {self.label_smoothing_sigma}")
         self.build_time_sampler()
         self.solver_config()
 
     def build_time_sampler(self) -> TimeSampler:
+        """The training time sampler; one t per MIMO group of rows when ``network.mimo_members`` > 1."""
         return build_time_sampler(self.time_sampler, self.zero_fraction, self.zero_width, self.logit_mean,
-                                  self.logit_std)
+                                  self.logit_std, group=self.network.mimo_members)
 
     def solver_config(self, steps: Optional[int] = None, method: Optional[str] = None) -> SolverConfig:
         return SolverConfig(steps=steps or self.steps, method=method or self.solver, grid=self.time_grid,

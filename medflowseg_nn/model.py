@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import pydoc
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from dynamic_network_architectures.building_blocks.helper import get_matching_dropout
 
 from medflowseg_nn.config import FlowMatchingConfig, NetworkOptions
 from medflowseg_nn.networks.layers import conv_ndim
+from medflowseg_nn.networks.mimo import MimoVectorField
 from medflowseg_nn.networks.residual_vector_field_unet import ResidualEncoderVectorFieldUNet
 from medflowseg_nn.networks.vector_field_unet import VectorFieldUNet
 
@@ -47,15 +48,18 @@ def vector_field_class(arch_kwargs: dict[str, Any]) -> type[VectorFieldUNet]:
 
 
 def build_vector_field(configuration_manager: Any, num_input_channels: int, num_output_channels: int,
-                       flow_config: FlowMatchingConfig) -> VectorFieldUNet:
+                       flow_config: FlowMatchingConfig) -> Union[VectorFieldUNet, MimoVectorField]:
     """The vector field ``v(image [B, num_input_channels, *P], x_t [B, num_output_channels, *P], t [B])`` for a
     configuration of nnU-Net plans (its ``ConfigurationManager``) and a flow configuration.
 
     ``num_input_channels`` counts every channel the network sees besides x_t: the image channels, plus for a
     cascade stage the previous stage's one-hot foreground labels (nnU-Net's ``determine_num_input_channels``);
-    the network's first convolution takes ``num_input_channels + num_output_channels``."""
+    the network's first convolution takes ``num_input_channels + num_output_channels`` (M times both for
+    ``network.mimo_members`` = M > 1: the :class:`MimoVectorField` of M members, same signature)."""
     kwargs = architecture_kwargs(configuration_manager, flow_config.network)
-    return vector_field_class(kwargs)(num_input_channels, num_output_channels, **kwargs)
+    members = flow_config.network.mimo_members
+    field = vector_field_class(kwargs)(members * num_input_channels, members * num_output_channels, **kwargs)
+    return MimoVectorField(field, members) if members > 1 else field
 
 
 def feature_map_size(configuration_manager: Any, num_input_channels: int, num_output_channels: int,

@@ -1,16 +1,14 @@
 """MedFlowSegTrainer: nnU-Net's trainer with a flow-matching objective (``medflowseg_nn.trainers.mfs_trainer``).
 
 Kept from nnU-Net: data loading and augmentation, optimiser and poly LR, logging and progress.png, checkpoints,
-``--c`` / ``--val``, final validation and export. Changed: the network (:class:`VectorFieldUNet` from the plans), the
-objective (:class:`FlowMatchingLoss` on x_t = (1 − t) x0 + t x1), validation (pseudo Dice of one-step inference from
-a seeded prior, plus a multi-step Dice on the first batches), the final validation's predictor
-(:class:`MedFlowSegPredictor`), then a temperature fitted on its probabilities (``fold_X/temperature.json``).
-
-Deep supervision follows the plans (on by default): the auxiliary heads get nnU-Net's Dice + CE and weights on the
-t = 0 samples (:meth:`MedFlowSegTrainer._flow_loss`). Label spaces follow nnU-Net's label manager: plain labels
-(softmax), **regions** (R overlapping binary channels, sigmoid per channel, Dice + BCE, pseudo Dice per region) and
-the **ignore label** (ignored voxels add nothing to any loss, their x_t is the prior draw x0 at every t, the pseudo
-Dice skips them), also combined (flow.label_space).
+``--c`` / ``--val``, final validation and export. Changed: the network (the plans' vector field), the objective
+(:class:`FlowMatchingLoss` on x_t = (1 − t) x0 + t x1), validation (pseudo Dice of one-step inference from a seeded
+prior, plus a multi-step Dice on the first batches), the final validation's predictor (:class:`MedFlowSegPredictor`),
+then a temperature fitted on its probabilities (``fold_X/temperature.json``). Deep supervision follows the plans
+(on by default): the auxiliary heads get nnU-Net's Dice + CE and weights on the t = 0 samples (:meth:`_flow_loss`).
+Label spaces follow nnU-Net's label manager: plain labels (softmax), **regions** (R overlapping binary channels,
+sigmoid per channel, Dice + BCE, pseudo Dice per region) and the **ignore label** (ignored voxels add nothing to
+any loss, their x_t is the prior draw x0 at every t, the pseudo Dice skips them), also combined (flow.label_space).
 """
 from __future__ import annotations
 
@@ -42,6 +40,7 @@ from medflowseg_nn.pretrained import unwrap
 from medflowseg_nn.temperature import fit_validation_temperature
 from medflowseg_nn.trainers.label_definition import check_label_definition
 from medflowseg_nn.trainers.micro_batches import accumulate_gradients, rows_of, rows_within
+from medflowseg_nn.trainers.mimo import check_mimo_label_space, mimo_batch
 from medflowseg_nn.trainers.validation_stats import hard_stats
 
 #: ``[B, 1, *S]`` labels, or nnU-Net's deep-supervision list of them (full resolution first)
@@ -82,6 +81,7 @@ class MedFlowSegTrainer(nnUNetTrainer):
         # the DBSA/FAA placement written out (not left to the code's defaults); the caller's dict is not touched
         self.plans_manager.plans = {**self.plans_manager.plans, PLANS_KEY: self.flow_config.to_dict()}
         self.time_sampler = self.flow_config.build_time_sampler()
+        check_mimo_label_space(self.flow_config.network.mimo_members, self.label_manager.has_regions)
         # before initialize() / get_dataloaders(): nnU-Net builds the DS targets and the network from this flag
         self.enable_deep_supervision = self.flow_config.network.deep_supervision
         self.aux_seg_loss: Optional[nn.Module] = None
@@ -166,7 +166,8 @@ class MedFlowSegTrainer(nnUNetTrainer):
     def _flow_loss(self, image: torch.Tensor, target: Target) -> dict[str, torch.Tensor]:
         """``image`` ``[B, C, *S]``; ``target`` ``[B, 1, *S]`` (regions: ``[B, R (+1), *S]``) or the
         deep-supervision list (full resolution first). Flow loss on the full-resolution output, plus the
-        deep-supervision term of :meth:`_with_aux_loss`."""
+        deep-supervision term of :meth:`_with_aux_loss`. MIMO members: the batch in groups (``trainers.mimo``)."""
+        image, target = mimo_batch(image, target, self.flow_config.network.mimo_members)
         encoded = self.encode_target(target[0] if isinstance(target, (list, tuple)) else target)
         x0 = torch.randn_like(encoded.x1)
         t = self.time_sampler.sample(x0.shape[0], device=x0.device)

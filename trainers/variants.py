@@ -179,3 +179,14 @@ class MedFlowSegTrainer_microBatches3(MedFlowSegTrainer):
     chunks (64 MiB) scaled by 32 / 277, so that the 2d CPU protocol's batch of 32 runs as 3 chunks (11 + 11 + 10
     rows) as the planned batch does: measures what the chunked batch Dice does to accuracy."""
     cpu_micro_batch_mib = 64.0 * 32 / 277
+
+
+class MedFlowSegTrainer_mimo2(MedFlowSegTrainer):
+    """Two MIMO subnetworks in one UNet (:mod:`medflowseg_nn.networks.mimo`): each trained on its own shuffle of
+    the batch, predicting with their mean probability — model-level diversity from one model (issue #9)."""
+    network_overrides = {"mimo_members": 2}
+
+
+class MedFlowSegTrainer_mimo3(MedFlowSegTrainer):
+    """Three MIMO subnetworks in one UNet, as many members as a 3-fold ensemble (issue #9)."""
+    network_overrides = {"mimo_members": 3}

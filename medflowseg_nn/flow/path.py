@@ -111,10 +111,25 @@ class MixtureTimeSampler(TimeSampler):
         return torch.where(pick, near_zero, t)
 
 
+@dataclass(frozen=True)
+class GroupedTimeSampler(TimeSampler):
+    """One t from ``base`` per group of ``group`` consecutive rows: ``[B]`` with rows ``g·group … (g+1)·group − 1``
+    equal (the members of a MIMO group share one network row and its time embedding, ``networks.mimo``)."""
+
+    base: TimeSampler = UniformTimeSampler()
+    group: int = 2
+
+    def sample(self, batch_size, device="cpu", generator=None):
+        if batch_size % self.group:
+            raise ValueError(f"batch of {batch_size} rows is not made of groups of {self.group}")
+        return self.base.sample(batch_size // self.group, device, generator).repeat_interleave(self.group)
+
+
 def build_time_sampler(name: str, zero_fraction: float = 0.0, zero_width: float = 0.0,
-                       logit_mean: float = 0.0, logit_std: float = 1.0) -> TimeSampler:
+                       logit_mean: float = 0.0, logit_std: float = 1.0, group: int = 1) -> TimeSampler:
     """Build a sampler from plans-style settings. ``name`` is ``uniform`` or ``logit_normal``; a positive
-    ``zero_fraction`` wraps it in a :class:`MixtureTimeSampler`."""
+    ``zero_fraction`` wraps it in a :class:`MixtureTimeSampler`, a ``group`` > 1 that in a
+    :class:`GroupedTimeSampler`."""
     if name == "uniform":
         base: TimeSampler = UniformTimeSampler()
     elif name in ("logit_normal", "logitnormal"):
@@ -122,8 +137,8 @@ def build_time_sampler(name: str, zero_fraction: float = 0.0, zero_width: float 
     else:
         raise ValueError(f"unknown time sampler {name!r}; use 'uniform' or 'logit_normal'")
     if zero_fraction > 0:
-        return MixtureTimeSampler(base, zero_fraction, zero_width)
-    return base
+        base = MixtureTimeSampler(base, zero_fraction, zero_width)
+    return GroupedTimeSampler(base, group) if group > 1 else base
 
 
 def logit_normal_density(t: Tensor, mean: float = 0.0, std: float = 1.0) -> Tensor:
