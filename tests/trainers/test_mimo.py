@@ -88,3 +88,21 @@ def test_train_step_feeds_groups_at_one_t_and_updates_the_network(planned, cls, 
     trainer.network.eval()
     result = trainer.validation_step(val_batch)  # eval: the members' mean, one row per image
     assert np.isfinite(result["loss"]) and result["tp_hard"].shape == (2,)
+
+
+def test_the_saved_plans_rebuild_the_mimo_field_for_inference(planned):
+    """What a predictor does with a results folder: the base trainer class on the plans the variant saved builds
+    the same MIMO field (not the variant's attribute: the plans say it), and the trained state dict loads strictly."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer
+    trainer = make_trainer(planned, MedFlowSegTrainer_mimo2)
+    saved = PlansManager(trainer.plans_manager.plans)
+    net = MedFlowSegTrainer.build_network_architecture(saved, saved.get_configuration(trainer.configuration_name),
+                                                       1, 3, enable_deep_supervision=False)
+    assert isinstance(net, MimoVectorField) and net.members == 2
+    net.load_state_dict(trainer.network.state_dict())
+    image = torch.randn(2, 1, *trainer.configuration_manager.patch_size)
+    with torch.no_grad():
+        out = net.eval()(image, None, torch.zeros(2))
+    assert out.shape == (2, 3, *image.shape[2:]) and torch.allclose(out.exp().sum(1), torch.ones(1), atol=1e-5)
