@@ -98,6 +98,9 @@ class FlowMatchingConfig:
             and those on the sampler's own path (:func:`~medflowseg_nn.flow.own_estimate.label_free`) — instead
             of the t = 0 samples only (``False``, the meaning of a block without the key). Needs
             ``own_estimate_fraction`` > 0 (refused otherwise: it would change nothing).
+        mimo_input_repetition: with ``network.mimo_members`` > 1, the share of the training groups whose members
+            all get the same loaded row (Havasi et al.'s input repetition: members less independent, each better
+            trained on a short budget); 0 = every member its own shuffle (:mod:`medflowseg_nn.trainers.mimo`).
         label_smoothing_sigma: σ of the spatially varying label smoothing of the CE target of the full-resolution
             output (:mod:`medflowseg_nn.flow.label_smoothing`); 0 = the one-hot target (nnU-Net's CE).
     """
@@ -118,6 +121,7 @@ class FlowMatchingConfig:
     own_estimate_fraction: float = 1.0
     aux_on_own_estimate: bool = False
     label_smoothing_sigma: float = 0.0
+    mimo_input_repetition: float = 0.0
     network: NetworkOptions = field(default_factory=NetworkOptions)
 
     def __post_init__(self) -> None:
@@ -141,6 +145,8 @@ class FlowMatchingConfig:
             raise ValueError("flow_matching.network.mimo_members > 1 needs the x1 parameterization (its members' "
                              "outputs are averaged as probabilities) and own_estimate_fraction 0 or 1 (a random "
                              "share of the rows would split the members' groups)")
+        if not 0.0 <= self.mimo_input_repetition <= 1.0:
+            raise ValueError(f"flow_matching.mimo_input_repetition must be in [0, 1], got {self.mimo_input_repetition}")
         if self.label_smoothing_sigma < 0:
             raise ValueError(f"flow_matching.label_smoothing_sigma must be >= 0, got {self.label_smoothing_sigma}")
         self.build_time_sampler()

@@ -167,11 +167,11 @@ class MedFlowSegTrainer(nnUNetTrainer):
         """``image`` ``[B, C, *S]``; ``target`` ``[B, 1, *S]`` (regions: ``[B, R (+1), *S]``) or the
         deep-supervision list (full resolution first). Flow loss on the full-resolution output, plus the
         deep-supervision term of :meth:`_with_aux_loss`. MIMO members: the batch in groups (``trainers.mimo``)."""
-        image, target = mimo_batch(image, target, self.flow_config.network.mimo_members)
+        c, multilabel = self.flow_config, self.label_manager.has_regions
+        image, target = mimo_batch(image, target, c.network.mimo_members, c.mimo_input_repetition)
         encoded = self.encode_target(target[0] if isinstance(target, (list, tuple)) else target)
         x0 = torch.randn_like(encoded.x1)
         t = self.time_sampler.sample(x0.shape[0], device=x0.device)
-        c, multilabel = self.flow_config, self.label_manager.has_regions
         moved = own_estimate_rows(t, c.own_estimate_fraction, c.zero_width) if c.own_estimate_fraction else t[:0].long()
         prior_free = takes_prior_free(unwrap(self.network))
         path = own_estimate_path(self.path.sample(x0, prior_where_ignored(encoded.x1, x0, encoded.mask), t),

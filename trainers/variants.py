@@ -190,3 +190,10 @@ class MedFlowSegTrainer_mimo2(MedFlowSegTrainer):
 class MedFlowSegTrainer_mimo3(MedFlowSegTrainer):
     """Three MIMO subnetworks in one UNet, as many members as a 3-fold ensemble (issue #9)."""
     network_overrides = {"mimo_members": 3}
+
+
+class MedFlowSegTrainer_mimo2Repeat(MedFlowSegTrainer_mimo2):
+    """Two MIMO subnetworks with input repetition 0.5 (half of the groups give both members the same row): each
+    member better trained on a short budget, at the cost of diversity (issue #9: three members without repetition
+    learnt too slowly for the 2d CPU protocol's 500 iterations)."""
+    flow_overrides = {"mimo_input_repetition": 0.5}
