@@ -38,7 +38,7 @@ def mimo_batch(image: torch.Tensor, target: Target, members: int, repetition: fl
     ``[B · members, …]`` in MIMO groups (:func:`member_rows`, with ``repetition``); unchanged for ``members`` 1."""
     if members == 1:
         return image, target
-    rows = member_rows(image.shape[0], members, generator, repetition).to(image.device)
+    rows = member_rows(image.shape[0], members, generator, repetition)
     pick = (lambda x: x[rows.to(x.device)])
     return pick(image), [pick(s) for s in target] if isinstance(target, (list, tuple)) else pick(target)
 

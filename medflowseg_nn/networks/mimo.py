@@ -23,11 +23,12 @@ in channels ``m·C … (m+1)·C − 1``). :class:`MimoVectorField` keeps the vec
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+
+from medflowseg_nn.inference.sample_average import average_log_probabilities
 
 Output = Union[Tensor, list[Tensor]]
 
@@ -46,10 +47,10 @@ def channels_to_members(x: Tensor, members: int) -> Tensor:
 
 def mean_probability_logits(raw: Tensor, members: int) -> Tensor:
     """``raw`` ``[B, M·K, *S]`` softmax logits of M members -> ``[B, K, *S]`` logits of their mean probability,
-    ``logsumexp_m log_softmax(raw_m) − log M`` (float32, then the input's dtype)."""
+    ``logsumexp_m log_softmax(raw_m) − log M`` (the K-sample average of ``inference.sample_average``; float32, then
+    the input's dtype)."""
     per_member = raw.float().reshape(raw.shape[0], members, raw.shape[1] // members, *raw.shape[2:])
-    mean = torch.logsumexp(torch.log_softmax(per_member, 2), 1) - math.log(members)
-    return mean.to(raw.dtype)
+    return average_log_probabilities(torch.log_softmax(per_member, 2).movedim(1, 0)).to(raw.dtype)
 
 
 class MimoVectorField(nn.Module):
