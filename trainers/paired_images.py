@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from medflowseg_nn.errors import UserError
 from medflowseg_nn.flow.label_space import prior_where_ignored
 from medflowseg_nn.flow.loss import interpret_output
 from medflowseg_nn.flow.own_estimate import own_estimate_path, takes_prior_free
@@ -42,6 +43,16 @@ class MedFlowSegTrainer_pairedImages(MedFlowSegTrainer):
     #: what this step trains, written into the plans it saves: half of the rows at t = 0, every other on the own path
     flow_overrides = {"zero_fraction": 0.5, "own_estimate_fraction": 1.0}
     network_rows_per_image = 2
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        """The parent's, refusing MIMO members: this step's own :meth:`_flow_loss` does not put the batch into the
+        members' groups (``trainers.mimo.mimo_batch``), so a MIMO field would get rows it cannot group."""
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.flow_config.network.mimo_members > 1:
+            raise UserError(f"{type(self).__name__} trains each image twice in one step and does not group rows "
+                            "for MIMO members; set flow_matching.network.mimo_members to 1 or use the default "
+                            "trainer (MedFlowSegTrainer_mimo2 / _mimo3)")
 
     def _set_batch_size_and_oversample(self) -> None:
         """nnU-Net's batch size (per process under DDP), halved (rounded up) for the data loader: the network's

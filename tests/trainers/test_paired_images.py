@@ -4,10 +4,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
+from medflowseg_nn.errors import UserError
+
 from medflowseg_nn.trainers.paired_images import MedFlowSegTrainer_pairedImages, twice
-from tests.trainers.test_train_and_validation_step import make_trainer, planned, real_batches  # noqa: F401
+from tests.conftest import tiny_network_plans
+from tests.trainers.test_train_and_validation_step import CONFIG, make_trainer, planned, real_batches  # noqa: F401
 
 
 def test_twice_stacks_tensors_and_deep_supervision_lists():
@@ -57,3 +61,11 @@ def test_train_step_updates_the_network(planned):
     assert np.isfinite(loss) and loss > 0
     changed = [k for k, v in trainer.network.named_parameters() if not torch.equal(v, before[k])]
     assert len(changed) > 0.5 * len(before)
+
+
+def test_mimo_members_are_refused_because_this_step_does_not_group_rows(planned):
+    plans = tiny_network_plans(planned.plans)
+    plans["flow_matching"] = {**plans.get("flow_matching", {}),
+                              "network": {**plans.get("flow_matching", {}).get("network", {}), "mimo_members": 2}}
+    with pytest.raises(UserError, match="mimo_members"):
+        MedFlowSegTrainer_pairedImages(plans, CONFIG, 0, planned.dataset_json, device=torch.device("cpu"))
