@@ -9,18 +9,17 @@ shared); ours (``--ours_trainer``) fold 0 for every seed, and folds ``--ours_ens
 seed sets torch/numpy before training (network init); augmentation workers are not seeded. Trained weights are
 cached in ``WORK/value_models`` (rerun = predict).
 
-Inference, TTA off, from the raw images: nnU-Net single = nnUNetPredictor; ensemble = mean of the members' softmax
-probabilities in the raw geometry (``value_ensemble``; ours's fold ensemble likewise, members at one step); ours =
-MedFlowSegPredictor (prior seed 0) with 1 Euler step (K=1), Euler N=2, N=4, Heun N=2, K=4 samples at 1 step, and K=4
-at the best setting among those multi-step ones (and with ``--hypotheses``, K=4 there with drawn hypotheses; with
-``--mc_dropout [K]``, K (default 4) one-step model samples of a model trained with dropout). "Best"
-is chosen by mean Dice on ``--select_cases`` of fold 0's VALIDATION cases with the first seed's model, never on the
-test set. Metrics per run: mean foreground Dice and HD95 (``medflowseg_nn.evaluation``; Dice from the argmax of the
-probabilities), calibration (``medflowseg_nn.calibration``: ECE 15 bins, Brier, NLL, AURC) pooled over all test
-voxels and over the reference ROI (foreground dilated by ``--roi_dilation`` voxels, cube), Spearman between a case's
-mean predictive entropy (ROI / all) and 1 - its mean foreground Dice, and network seconds per case
-(``predict_logits_from_preprocessed_data``; the ensemble's is the sum of its members'). Tables: mean over seeds with
-the min-max spread in brackets.
+Inference from the raw images, TTA off (``--tta``: mirroring, nnU-Net's default): nnU-Net single = nnUNetPredictor;
+ensemble = mean of the members' softmax probabilities in the raw geometry (``value_ensemble``; ours's likewise, one
+step each); ours = MedFlowSegPredictor (prior seed 0): 1 Euler step, Euler N=2, N=4, Heun N=2, K=4 at 1 step and at
+the best multi-step setting by mean Dice on ``--select_cases`` fold-0 VALIDATION cases, first seed's model
+(``--hypotheses``: K=4 there with drawn hypotheses; ``--mc_dropout [K]``: K one-step samples of a dropout model).
+"+ T": each run's temperature fitted on ``--temperature_cases`` (default all) validation cases of its fold, as
+``mfs_train`` fits the product's. Metrics per run: mean foreground Dice and HD95 (``medflowseg_nn.evaluation``),
+calibration (``medflowseg_nn.calibration``: ECE 15 bins, Brier, NLL, AURC) over all test voxels and over the
+reference ROI (foreground dilated by ``--roi_dilation`` voxels), Spearman between a case's mean predictive entropy
+(ROI / all) and 1 - its mean foreground Dice, network s/case (an ensemble's: the sum of its members'). Tables: mean
+over seeds (min-max spread in brackets).
 
     python benchmarks/bench_value.py --work /work/bench_work                  # ~1 h on 2 CPU cores
     python benchmarks/bench_value.py --epochs 1 --iterations_per_epoch 2 --max_test_cases 3 --select_cases 2
@@ -70,10 +69,11 @@ def make_predictor(trainer, method: str, args: argparse.Namespace, solver: str =
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from medflowseg_nn.inference.predictor import MedFlowSegPredictor
     trainer.set_deep_supervision_enabled(False)
-    network = trainer.network
-    network.eval()
-    kw = dict(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, perform_everything_on_device=True,
+    network = trainer.network.eval()
+    kw = dict(tile_step_size=0.5, use_gaussian=True, use_mirroring=args.tta, perform_everything_on_device=True,
               device=torch.device(args.device), verbose=False, allow_tqdm=False)
+    if args.tta and trainer.inference_allowed_mirroring_axes is None:  # a cached model: get_dataloaders never ran
+        trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
     predictor = (nnUNetPredictor(**kw) if method == "nnunet" else
                  MedFlowSegPredictor(**kw, steps=steps, solver=solver, seed=0, num_samples=k,
                                      hypotheses=hypotheses, model_samples=model_samples))
@@ -120,13 +120,9 @@ def fit_run_temperature(predictor, args: argparse.Namespace, cases: list[str], i
     (``medflowseg_nn.temperature``); the test set is never seen."""
     from medflowseg_nn.calibration import reference_roi
     from medflowseg_nn.temperature import fit_temperature
-    probs, refs, rois = [], [], []
-    for case in cases:
-        data, props, ref, _, _ = inputs(case)
-        probs.append(probabilities(predictor, data, props, args.threads)[0])
-        refs.append(ref)
-        rois.append(reference_roi(ref, args.roi_dilation))
-    return fit_temperature(probs, refs, rois)
+    got = [inputs(case) for case in cases]  # (data, props, reference, ...)
+    probs = [probabilities(predictor, g[0], g[1], args.threads)[0] for g in got]
+    return fit_temperature(probs, [g[2] for g in got], [reference_roi(g[2], args.roi_dilation) for g in got])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,8 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_test", type=int, default=40, help="held-out test cases: the last N case ids, sorted")
     p.add_argument("--max_test_cases", type=int, default=None, help="predict only the first K test cases (smoke)")
     p.add_argument("--select_cases", type=int, default=8, help="fold-0 validation cases that pick K=4's setting")
+    p.add_argument("--temperature_cases", type=int, default=None, help="validation cases of its fold each + T run "
+                   "is fitted on (default: all of them, as mfs_train fits the product's temperature.json)")
     p.add_argument("--roi_dilation", type=int, default=3)
     p.add_argument("--no_temperature", action="store_true", help="skip the temperature-scaled (+ T) rows")
+    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation for every model (nnU-Net's "
+                   "and mfs_predict's default; off by default here for speed)")
     p.add_argument("--no_save", action="store_true", help="do not write CASE.npz / CASE.nii.gz per run")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--n_proc_da", default="1", help="nnUNet_n_proc_DA (augmentation workers) for training")
@@ -226,16 +226,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for fold in args.ours_ensemble_folds:
         if fold != 0:  # fold 0 of the first seed is the "ours 1 step" run
             runs[f"ours_f{fold}_s{s0}"] = ("", make_predictor(models[f"ours_f{fold}_s{s0}"][0], "ours", args))
-    # + T rows (nnU-Net single, ours 1 step, every ours row with K > 1): one T per run, fitted on the selection cases
+    # + T rows (nnU-Net single, ours 1 step, every ours row with K > 1): one T per run, fitted on t_cases
     calibrated = {"nnU-Net single (fold 0)", "ours 1 step", *(f"ours {s[0]}" for s in ours_settings if s[3] > 1)}
-    temps = {rid: fit_run_temperature(pred, args, sel_cases, inputs) for rid, (row, pred) in runs.items()
+    t_cases = sorted(splits[0]["val"])[: args.temperature_cases]
+    temps = {rid: fit_run_temperature(pred, args, t_cases, inputs) for rid, (row, pred) in runs.items()
              if row in calibrated and not args.no_temperature}
-    args.temperatures = temps
     logger.info("temperatures %s", temps)
     scores = {rid: RunScores(labels, args.roi_dilation) for rid, (row, _) in runs.items() if row}
     scores.update({f"{rid}+T": RunScores(labels, args.roi_dilation) for rid in temps})
     fit = None if args.no_temperature else (lambda rid, fold: fit_run_temperature(
-        runs[rid][1], args, sorted(splits[fold]["val"])[: args.select_cases], inputs))
+        runs[rid][1], args, sorted(splits[fold]["val"])[: args.temperature_cases], inputs))
     ensembles = [fold_ensemble(f"{method}_ensemble_{len(folds)}folds", f"{title} ({len(folds)} folds, {how})", folds,
                                member, temps, fit)
                  for method, title, how, folds, member in [
@@ -274,9 +274,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     total_s = time.perf_counter() - t_start
     budget = (f"{args.epochs} epochs x {args.iterations_per_epoch} iterations, batch {args.batch_size}, "
               f"seeds {args.seeds}, ours = {args.ours_trainer}{''.join(' ' + f for f in args.flow)}")
+    tta = f"TTA {'on (mirroring)' if args.tta else 'off'}; + T fitted on {len(t_cases)} validation cases per fold; "
     head = (f"{name} {args.configuration}, {len(test)} held-out test cases ({test[0]} .. {test[-1]}), {budget}; "
-            + ("TTA off; ours at one step only (--one_step_only: no K=4 selection); " if args.one_step_only else
-               f"TTA off; K=4 setting picked on {len(sel_cases)} fold-0 validation cases: {args.selection['best']} "
+            + (f"{tta}ours at one step only (--one_step_only: no K=4 selection); " if args.one_step_only else
+               f"{tta}K=4 setting picked on {len(sel_cases)} fold-0 validation cases: {args.selection['best']} "
                f"({', '.join(f'{k} {v:.3f}' for k, v in args.selection['dice'].items())}); ")
             + f"train {train_done - t_start:.0f} s, total {total_s:.0f} s")
     print(f"\n{head}\n\nA. Segmentation, case-level Spearman, network s/case (mean over seeds, min–max)\n{seg_table}"
