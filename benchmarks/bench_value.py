@@ -262,12 +262,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ens.add(case, outputs, scores, ref, spacing, pred_root, img)
     results: dict[str, list[dict]] = {}
     rows_of = {rid: row for rid, (row, _) in runs.items() if row}
-    rows_of.update({ens.run_id: ens.row for ens in ensembles})
-    rows_of.update({f"{rid}+T": f"{rows_of[rid]} + T" for rid in [*temps, *(e.run_id for e in ensembles)]})
+    rows_of.update({f"{rid}+T": f"{rows_of[rid]} + T" for rid in temps})
+    rows_of.update({k: r for ens in ensembles for k, r in ens.rows().items()})
     for rid, sc in scores.items():
         results.setdefault(rows_of[rid], []).append({"run": rid, **sc.summary()})
-    order = ([rows_of[f"nnunet_single_s{s0}"]] + [e.row for e in ensembles if e.run_id.startswith("nnunet")]
-             + [f"ours {s[0]}" for s in ours_settings] + [e.row for e in ensembles if e.run_id.startswith("ours")])
+    ens_rows = [[r for e in ensembles if e.run_id.startswith(m) for r in (e.row, e.member_row)] for m in ("nn", "ou")]
+    order = [rows_of[f"nnunet_single_s{s0}"], *ens_rows[0], *(f"ours {s[0]}" for s in ours_settings), *ens_rows[1]]
     order = [r for m in order for r in (m, f"{m} + T") if r in results]
     results = {m: results[m] for m in order}
     seg_table, cal_table = tables(results)

@@ -3,7 +3,9 @@
 An ensemble is a list of bench_value run ids, one model per cross-validation fold (nnU-Net's models, or ours at
 one step). Its "+ T" row tempers each member with the member's own temperature, fitted on the validation cases of
 that member's own fold, then averages: no case is unseen by all members (fold k's validation cases are in the
-other folds' training), so one temperature for the ensemble could not be fitted honestly.
+other folds' training), so one temperature for the ensemble could not be fitted honestly. Each member is also
+scored alone (row "…: each member alone", one run per fold, its "+ T" with its own fold's T): how much one model's
+scores vary with the fold it was trained and tempered on, beside what averaging the folds gives.
 """
 from __future__ import annotations
 
@@ -25,9 +27,19 @@ class FoldEnsemble:
     members: tuple[str, ...]
     temperatures: Mapping[str, float] = field(default_factory=dict)
 
+    @property
+    def member_row(self) -> str:
+        return f"{self.row}: each member alone"
+
+    def rows(self) -> dict[str, str]:
+        """Score key → table row of everything this ensemble fills: itself and each member alone (one key per
+        fold), and their "+ T" twins when the members are tempered."""
+        keys = {self.run_id: self.row, **{f"{self.run_id}|f{f}": self.member_row for f in self.folds}}
+        return {**keys, **({f"{k}+T": f"{r} + T" for k, r in keys.items()} if self.temperatures else {})}
+
     def score_ids(self) -> list[str]:
-        """The score keys this ensemble fills: its own, and ``{run_id}+T`` when its members are tempered."""
-        return [self.run_id] + ([f"{self.run_id}+T"] if self.temperatures else [])
+        """The score keys this ensemble fills (:meth:`rows`)."""
+        return list(self.rows())
 
     def add(self, case: str, outputs: Mapping[str, tuple[np.ndarray, float]], scores: Mapping[str, Any],
             ref: np.ndarray, spacing: np.ndarray, pred_root: Optional[Path], img: Any = None) -> float:
@@ -35,6 +47,11 @@ class FoldEnsemble:
         the ensemble's seconds are the sum of its members'. Returns the ensemble's mean foreground Dice."""
         from medflowseg_nn.temperature import apply_temperature
         seconds = float(sum(outputs[m][1] for m in self.members))
+        for f, m in zip(self.folds, self.members):
+            scores[f"{self.run_id}|f{f}"].add(case, outputs[m][0], ref, spacing, outputs[m][1], None, img)
+            if self.temperatures:
+                scores[f"{self.run_id}|f{f}+T"].add(case, apply_temperature(outputs[m][0], self.temperatures[m]),
+                                                    ref, spacing, outputs[m][1], None, img)
         mean = np.mean([outputs[m][0] for m in self.members], axis=0)
         dice = scores[self.run_id].add(case, mean, ref, spacing, seconds, pred_root and pred_root / self.run_id,
                                        img)

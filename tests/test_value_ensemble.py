@@ -38,9 +38,12 @@ def test_fold_ensemble_reuses_known_temperatures_and_fits_the_rest_on_their_own_
     assert ens.members == ("m0", "m2")
     assert dict(ens.temperatures) == {"m0": 1.5, "m2": 2.0}
     assert fitted == [("m2", 2)]
-    assert ens.score_ids() == ["e", "e+T"]
+    assert ens.rows() == {"e": "row", "e|f0": "row: each member alone", "e|f2": "row: each member alone",
+                          "e+T": "row + T", "e|f0+T": "row: each member alone + T",
+                          "e|f2+T": "row: each member alone + T"}
+    assert ens.score_ids() == list(ens.rows())
     plain = fold_ensemble("e", "row", [0, 2], lambda f: f"m{f}", {"m0": 1.5}, None)
-    assert dict(plain.temperatures) == {} and plain.score_ids() == ["e"]
+    assert dict(plain.temperatures) == {} and plain.score_ids() == ["e", "e|f0", "e|f2"]
 
 
 @pytest.mark.parametrize("tempered", [False, True])
@@ -63,3 +66,9 @@ def test_ensemble_scores_the_members_mean_and_the_mean_of_the_tempered_members(t
         assert not np.allclose(probs_t, probs)  # T = 2 flattens m0, T = 0.5 sharpens m1
     else:
         assert "e+T" not in scores
+    for fold, member in ((0, "m0"), (1, "m1")):  # each member alone, with its own fold's T in the + T row
+        _, alone, sec, out = scores[f"e|f{fold}"].calls[0]
+        assert alone is outputs[member][0] and sec == outputs[member][1] and out is None
+        if tempered:
+            np.testing.assert_allclose(scores[f"e|f{fold}+T"].calls[0][1],
+                                       apply_temperature(outputs[member][0], temps[member]), rtol=1e-6)
