@@ -67,5 +67,9 @@ def process_group(env: DistributedEnv, device: torch.device) -> Iterator[torch.d
                 env.local_rank, backend_for(device), device)
     try:
         yield device
+        # every rank done before any tears down: a gloo rank whose peer destroys the group while its own last
+        # collectives are still in flight can abort ("terminate called without an active exception", seen once in
+        # tests/test_distributed.py); not on an error path, where a peer may never arrive
+        dist.barrier()
     finally:
         dist.destroy_process_group()
