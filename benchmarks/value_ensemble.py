@@ -47,18 +47,17 @@ class FoldEnsemble:
         the ensemble's seconds are the sum of its members'. Returns the ensemble's mean foreground Dice."""
         from medflowseg_nn.temperature import apply_temperature
         seconds = float(sum(outputs[m][1] for m in self.members))
+        tempered = {m: apply_temperature(outputs[m][0], t) for m, t in self.temperatures.items()}  # once each
         for f, m in zip(self.folds, self.members):
             scores[f"{self.run_id}|f{f}"].add(case, outputs[m][0], ref, spacing, outputs[m][1], None, img)
-            if self.temperatures:
-                scores[f"{self.run_id}|f{f}+T"].add(case, apply_temperature(outputs[m][0], self.temperatures[m]),
-                                                    ref, spacing, outputs[m][1], None, img)
+            if tempered:
+                scores[f"{self.run_id}|f{f}+T"].add(case, tempered[m], ref, spacing, outputs[m][1], None, img)
         mean = np.mean([outputs[m][0] for m in self.members], axis=0)
         dice = scores[self.run_id].add(case, mean, ref, spacing, seconds, pred_root and pred_root / self.run_id,
                                        img)
-        if self.temperatures:
-            tempered = np.mean([apply_temperature(outputs[m][0], self.temperatures[m]) for m in self.members],
-                               axis=0)
-            scores[f"{self.run_id}+T"].add(case, tempered, ref, spacing, seconds, None, img)
+        if tempered:
+            scores[f"{self.run_id}+T"].add(case, np.mean([tempered[m] for m in self.members], axis=0), ref,
+                                           spacing, seconds, None, img)
         return dice
 
 
