@@ -72,8 +72,6 @@ def make_predictor(trainer, method: str, args: argparse.Namespace, solver: str =
     network = trainer.network.eval()
     kw = dict(tile_step_size=0.5, use_gaussian=True, use_mirroring=args.tta, perform_everything_on_device=True,
               device=torch.device(args.device), verbose=False, allow_tqdm=False)
-    if args.tta and trainer.inference_allowed_mirroring_axes is None:  # a cached model: get_dataloaders never ran
-        trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
     predictor = (nnUNetPredictor(**kw) if method == "nnunet" else
                  MedFlowSegPredictor(**kw, steps=steps, solver=solver, seed=0, num_samples=k,
                                      hypotheses=hypotheses, model_samples=model_samples))
@@ -228,7 +226,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             runs[f"ours_f{fold}_s{s0}"] = ("", make_predictor(models[f"ours_f{fold}_s{s0}"][0], "ours", args))
     # + T rows (nnU-Net single, ours 1 step, every ours row with K > 1): one T per run, fitted on t_cases
     calibrated = {"nnU-Net single (fold 0)", "ours 1 step", *(f"ours {s[0]}" for s in ours_settings if s[3] > 1)}
-    t_cases = sorted(splits[0]["val"])[: args.temperature_cases]
+    t_cases, t_note = sorted(splits[0]["val"])[: args.temperature_cases], args.temperature_cases or "all"
     temps = {rid: fit_run_temperature(pred, args, t_cases, inputs) for rid, (row, pred) in runs.items()
              if row in calibrated and not args.no_temperature}
     logger.info("temperatures %s", temps)
@@ -274,7 +272,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     total_s = time.perf_counter() - t_start
     budget = (f"{args.epochs} epochs x {args.iterations_per_epoch} iterations, batch {args.batch_size}, "
               f"seeds {args.seeds}, ours = {args.ours_trainer}{''.join(' ' + f for f in args.flow)}")
-    tta = f"TTA {'on (mirroring)' if args.tta else 'off'}; + T fitted on {len(t_cases)} validation cases per fold; "
+    tta = f"TTA {'on (mirroring)' if args.tta else 'off'}; " + ("" if args.no_temperature else
+                                                              f"+ T fitted on {t_note} validation cases of each fold; ")
     head = (f"{name} {args.configuration}, {len(test)} held-out test cases ({test[0]} .. {test[-1]}), {budget}; "
             + (f"{tta}ours at one step only (--one_step_only: no K=4 selection); " if args.one_step_only else
                f"{tta}K=4 setting picked on {len(sel_cases)} fold-0 validation cases: {args.selection['best']} "

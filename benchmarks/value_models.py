@@ -108,6 +108,7 @@ def train_or_load(method: str, fold: int, seed: int, args: argparse.Namespace, p
         saved = torch.load(cache, map_location="cpu", weights_only=False)
         trainer.initialize()
         trainer.network.load_state_dict(saved["state_dict"])
+        trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # the mirror axes a training sets
         logger.info("%s: loaded cached weights %s", tag, cache)
         return trainer, saved["train_s"]
     torch.manual_seed(seed)
