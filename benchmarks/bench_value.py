@@ -16,10 +16,9 @@ the best multi-step setting by mean Dice on ``--select_cases`` fold-0 VALIDATION
 (``--hypotheses``: K=4 there with drawn hypotheses; ``--mc_dropout [K]``: K one-step samples of a dropout model).
 "+ T": each run's temperature fitted on ``--temperature_cases`` (default all) validation cases of its fold, as
 ``mfs_train`` fits the product's. Metrics per run: mean foreground Dice and HD95 (``medflowseg_nn.evaluation``),
-calibration (``medflowseg_nn.calibration``: ECE 15 bins, Brier, NLL, AURC) over all test voxels and over the
-reference ROI (foreground dilated by ``--roi_dilation`` voxels), Spearman between a case's mean predictive entropy
-(ROI / all) and 1 - its mean foreground Dice, network s/case (an ensemble's: the sum of its members'). Tables: mean
-over seeds (min-max spread in brackets).
+calibration (``medflowseg_nn.calibration``: ECE 15 bins, Brier, NLL, AURC) over all test voxels and the reference
+ROI (foreground dilated by ``--roi_dilation`` voxels), Spearman between a case's mean predictive entropy (ROI /
+all) and 1 - its mean foreground Dice, network s/case (ensembles: their members' sum). Mean over seeds (min-max).
 
     python benchmarks/bench_value.py --work /work/bench_work                  # ~1 h on 2 CPU cores
     python benchmarks/bench_value.py --epochs 1 --iterations_per_epoch 2 --max_test_cases 3 --select_cases 2
@@ -27,6 +26,7 @@ over seeds (min-max spread in brackets).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -193,6 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     raw, ending, n_ch = C.shared_data_dir() / name, dataset_json["file_ending"], len(dataset_json["channel_names"])
     labels = list(any_trainer.label_manager.foreground_labels)
 
+    @functools.lru_cache(maxsize=None)  # every run's + T fit reads its fold's validation cases: preprocess once
     def inputs(case: str):
         files = [str(raw / "imagesTr" / f"{case}_{i:04d}{ending}") for i in range(n_ch)]
         data, _, props = pp.run_case(files, None, pm, cm, dataset_json)
