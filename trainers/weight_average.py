@@ -5,7 +5,9 @@ the one-step flow segmenter (issue #9). The average is torch's :class:`torch.opt
 its EMA update (:func:`torch.optim.swa_utils.get_ema_multi_avg_fn`): maintained code, a state dict that carries its
 own count. The decay follows the training's length: a window of :attr:`MedFlowSegTrainer_ema.ema_window_fraction`
 of all iterations (decay 1 − 1 / window), warmed up as timm's ``ModelEmaV3`` (at most (1 + n) / (10 + n) at the
-n-th update), so that the first iterations' weights fade quickly.
+n-th update), so that the first iterations' weights fade quickly. The warm-up binds until it reaches the window: the
+average spans about the last n / 9 updates, i.e. ~11 % of the training so far, whatever longer window is asked for
+(probe, ``benchmarks/RESULTS.md`` 2026-12-06 04:31: windows 100 / 200 / 400 of 1000 updates gave one average).
 
 What uses which weights: training updates the average after every optimiser step; the per-epoch validation (pseudo
 Dice, ``checkpoint_best.pth``) sees the training weights; at the end of training the averaged parameters replace the
