@@ -101,7 +101,8 @@ class MedFlowSegTrainer_ema(MedFlowSegTrainer):
 
     def train_step(self, batch: dict) -> dict:
         out = super().train_step(batch)
-        self.weight_average.update(unwrap(self.network))
+        if self.weight_average is not None:  # None only for a train_step outside run_training (on_train_start)
+            self.weight_average.update(unwrap(self.network))
         return out
 
     def save_checkpoint(self, filename: str) -> None:
@@ -118,10 +119,9 @@ class MedFlowSegTrainer_ema(MedFlowSegTrainer):
         companion = companion_path(filename_or_checkpoint) if isinstance(filename_or_checkpoint, str) else None
         saved = torch.load(companion, map_location=self.device, weights_only=False) \
             if companion is not None and os.path.isfile(companion) else None
-        if saved is not None and saved["current_epoch"] == self.current_epoch:
-            self._resumed_average = saved
-        else:
-            self._resumed_average = None
+        self._resumed_average = saved if saved is not None and saved["current_epoch"] == self.current_epoch else None
+        final = isinstance(filename_or_checkpoint, str) and filename_or_checkpoint.endswith("checkpoint_final.pth")
+        if self._resumed_average is None and not final:  # checkpoint_final.pth holds the average itself
             logger.warning("no weight average saved with this checkpoint (epoch %d): it restarts from the loaded "
                            "weights", self.current_epoch)
 

@@ -109,3 +109,8 @@ def test_continue_training_resumes_the_average_or_restarts_it_with_a_warning(tra
     with caplog.at_level(logging.WARNING, logger="medflowseg_nn"):
         fresh.load_checkpoint(checkpoint)
     assert fresh._resumed_average is None and "restarts from the loaded weights" in caplog.text
+    caplog.clear()
+    final = TinyEma(tiny_network_plans(planned.plans), CONFIG, 0, planned.dataset_json, device=torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="medflowseg_nn"):  # --val / --c after the end: no warning
+        final.load_checkpoint(os.path.join(trainer.output_folder, "checkpoint_final.pth"))
+    assert final._resumed_average is None and "restarts" not in caplog.text
