@@ -244,7 +244,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       lambda f: f"ours_1_step_s{s0}" if f == 0 else f"ours_f{f}_s{s0}")]
                  if len(folds) > 1]  # an "ensemble" of one fold is the single model: no row
     for ens in ensembles:
-        scores.update({sid: RunScores(labels, args.roi_dilation) for sid in ens.score_ids()})
+        scores.update({sid: RunScores(labels, args.roi_dilation) for sid in ens.rows()})
         logger.info("%s member temperatures %s", ens.run_id, dict(ens.temperatures))
     pred_root = None if args.no_save else args.work / "value_predictions"
     for i, case in enumerate(test):

@@ -37,10 +37,6 @@ class FoldEnsemble:
         keys = {self.run_id: self.row, **{f"{self.run_id}|f{f}": self.member_row for f in self.folds}}
         return {**keys, **({f"{k}+T": f"{r} + T" for k, r in keys.items()} if self.temperatures else {})}
 
-    def score_ids(self) -> list[str]:
-        """The score keys this ensemble fills (:meth:`rows`)."""
-        return list(self.rows())
-
     def add(self, case: str, outputs: Mapping[str, tuple[np.ndarray, float]], scores: Mapping[str, Any],
             ref: np.ndarray, spacing: np.ndarray, pred_root: Optional[Path], img: Any = None) -> float:
         """Score one case from the members' ``outputs`` (run id → (probabilities ``[C, *S]``, network seconds));

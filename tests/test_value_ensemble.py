@@ -41,9 +41,8 @@ def test_fold_ensemble_reuses_known_temperatures_and_fits_the_rest_on_their_own_
     assert ens.rows() == {"e": "row", "e|f0": "row: each member alone", "e|f2": "row: each member alone",
                           "e+T": "row + T", "e|f0+T": "row: each member alone + T",
                           "e|f2+T": "row: each member alone + T"}
-    assert ens.score_ids() == list(ens.rows())
     plain = fold_ensemble("e", "row", [0, 2], lambda f: f"m{f}", {"m0": 1.5}, None)
-    assert dict(plain.temperatures) == {} and plain.score_ids() == ["e", "e|f0", "e|f2"]
+    assert dict(plain.temperatures) == {} and list(plain.rows()) == ["e", "e|f0", "e|f2"]
 
 
 @pytest.mark.parametrize("tempered", [False, True])
@@ -51,7 +50,7 @@ def test_ensemble_scores_the_members_mean_and_the_mean_of_the_tempered_members(t
     outputs = two_member_outputs()
     temps = {"m0": 2.0, "m1": 0.5}
     ens = fold_ensemble("e", "row", [0, 1], lambda f: f"m{f}", temps, (lambda r, f: 1.0) if tempered else None)
-    scores = {sid: Recorder() for sid in ens.score_ids()}
+    scores = {sid: Recorder() for sid in ens.rows()}
     ref, spacing = np.zeros(2, dtype=int), np.ones(1)
     assert ens.add("case_1", outputs, scores, ref, spacing, tmp_path) == 0.5
     case, probs, seconds, out_dir = scores["e"].calls[0]

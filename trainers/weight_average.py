@@ -77,6 +77,11 @@ def companion_path(checkpoint: str) -> str:
     return f"{root}_weight_average{ext or '.pth'}"
 
 
+def holds_average(checkpoint: str) -> bool:
+    """``checkpoint_final.pth`` is written after the average replaced the weights: it needs no companion."""
+    return os.path.basename(checkpoint) == "checkpoint_final.pth"
+
+
 class MedFlowSegTrainer_ema(MedFlowSegTrainer):
     """The defaults, predicting with an EMA of the weights over the last :attr:`ema_window_fraction` of training."""
 
@@ -108,11 +113,11 @@ class MedFlowSegTrainer_ema(MedFlowSegTrainer):
     def save_checkpoint(self, filename: str) -> None:
         super().save_checkpoint(filename)
         if self.local_rank != 0 or self.disable_checkpointing or self.weight_average is None \
-                or os.path.basename(filename) == "checkpoint_final.pth":
+                or holds_average(filename):
             return
-        companion, tmp = companion_path(filename), f"{companion_path(filename)}.tmp"
-        torch.save({"current_epoch": self.current_epoch + 1, **self.weight_average.state_dict()}, tmp)
-        os.replace(tmp, companion)
+        companion = companion_path(filename)
+        torch.save({"current_epoch": self.current_epoch + 1, **self.weight_average.state_dict()}, f"{companion}.tmp")
+        os.replace(f"{companion}.tmp", companion)
 
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
         super().load_checkpoint(filename_or_checkpoint)
@@ -120,8 +125,8 @@ class MedFlowSegTrainer_ema(MedFlowSegTrainer):
         saved = torch.load(companion, map_location=self.device, weights_only=False) \
             if companion is not None and os.path.isfile(companion) else None
         self._resumed_average = saved if saved is not None and saved["current_epoch"] == self.current_epoch else None
-        final = isinstance(filename_or_checkpoint, str) and filename_or_checkpoint.endswith("checkpoint_final.pth")
-        if self._resumed_average is None and not final:  # checkpoint_final.pth holds the average itself
+        final = isinstance(filename_or_checkpoint, str) and holds_average(filename_or_checkpoint)
+        if self._resumed_average is None and not final:
             logger.warning("no weight average saved with this checkpoint (epoch %d): it restarts from the loaded "
                            "weights", self.current_epoch)
 
