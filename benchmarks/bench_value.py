@@ -5,9 +5,10 @@ a 5-fold split (nnU-Net's ``generate_crossval_split``, seed 12345) written to ``
 preprocessed folder. Same plans for all (MedFlowSegPlans with ``batch_size`` set to ``--batch_size``; nnU-Net
 trains on their PlainConvUNet copy, ``common.plain_unet_plans``), ``--epochs`` x ``--iterations_per_epoch``.
 Models: nnU-Net fold 0 for every seed in ``--seeds``, nnU-Net folds ``--ensemble_folds`` (first seed; fold 0 is
-shared); ours (``--ours_trainer``) fold 0 for every seed, and folds ``--ours_ensemble_folds`` (first seed). The
-seed sets torch/numpy before training (network init); augmentation workers are not seeded. Trained weights are
-cached in ``WORK/value_models`` (rerun = predict).
+shared, unless ``--ensemble_epochs`` trains every member for its own number of epochs); ours (``--ours_trainer``)
+fold 0 for every seed, and folds ``--ours_ensemble_folds`` (first seed). The seed sets torch/numpy before training
+(network init); augmentation workers are not seeded. Trained weights are cached in ``WORK/value_models`` (rerun =
+predict).
 
 Inference from the raw images, TTA off (``--tta``: mirroring, nnU-Net's default): nnU-Net single = nnUNetPredictor;
 ensemble = mean of the members' softmax probabilities in the raw geometry (``value_ensemble``; ours's likewise, one
@@ -41,7 +42,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 from value_ensemble import fold_ensemble  # noqa: E402
-from value_models import prepare, train_or_load  # noqa: E402
+from value_models import member_key, prepare, train_all  # noqa: E402
 from value_report import RunScores, tables  # noqa: E402
 
 logger = logging.getLogger("benchmarks.value")
@@ -141,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "K (4) one-step model samples (mfs_predict --mc_dropout; needs an --ours_trainer with dropout)")
     p.add_argument("--one_step_only", action="store_true", help="ours at one step only (no multi-step or K rows, "
                    "no selection on validation): a quick accuracy check of a trainer variant")
+    p.add_argument("--ensemble_epochs", type=int, default=None, help="epochs of every fold-ensemble member (default "
+                   "--epochs); e.g. --epochs 30 --ensemble_epochs 10: one model at a 3-fold ensemble's training cost")
     p.add_argument("--ours_ensemble_folds", type=int, nargs="*", default=[],
                    help="folds of ours (first seed, one step) whose mean is the 'ours ensemble' row; none: no row")
     p.add_argument("--flow", nargs="*", default=[], metavar="KEY=VALUE",
@@ -174,17 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     name, plans, dataset_json, test, splits = bench.name, bench.plans, bench.dataset_json, bench.test, bench.splits
     info = C.machine_info()
     s0 = args.seeds[0]
-    models: dict[str, tuple[Any, float]] = {}
-    for seed in args.seeds:
-        models[f"nnunet_f0_s{seed}"] = train_or_load("nnunet", 0, seed, args, plans, dataset_json)
-    for fold in args.ensemble_folds:
-        if f"nnunet_f{fold}_s{s0}" not in models:
-            models[f"nnunet_f{fold}_s{s0}"] = train_or_load("nnunet", fold, s0, args, plans, dataset_json)
-    for seed in args.seeds:
-        models[f"ours_f0_s{seed}"] = train_or_load("ours", 0, seed, args, plans, dataset_json)
-    for fold in args.ours_ensemble_folds:
-        if f"ours_f{fold}_s{s0}" not in models:
-            models[f"ours_f{fold}_s{s0}"] = train_or_load("ours", fold, s0, args, plans, dataset_json)
+    models = train_all(args, plans, dataset_json)
     train_done = time.perf_counter()
 
     any_trainer = models[f"ours_f0_s{s0}"][0]
@@ -215,16 +208,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for seed in args.seeds:
         runs[f"nnunet_single_s{seed}"] = ("nnU-Net single (fold 0)",
                                           make_predictor(models[f"nnunet_f0_s{seed}"][0], "nnunet", args))
-    for fold in args.ensemble_folds:
-        if fold != 0:  # fold 0 of the first seed is the single-model run
-            runs[f"nnunet_f{fold}_s{s0}"] = ("", make_predictor(models[f"nnunet_f{fold}_s{s0}"][0], "nnunet", args))
+    fold0 = {f"nnunet_f0_s{s0}": f"nnunet_single_s{s0}", f"ours_f0_s{s0}": f"ours_1_step_s{s0}"}  # its run id
+
+    def member_run(method: str, fold: int) -> str:  # a member that is a single-model run is predicted once
+        return fold0.get(member_key(method, fold, args), member_key(method, fold, args))
+    for fold in args.ensemble_folds if len(args.ensemble_folds) > 1 else ():
+        if (key := member_key("nnunet", fold, args)) not in fold0:
+            runs[key] = ("", make_predictor(models[key][0], "nnunet", args))
     for seed in args.seeds:
         for label, solver, steps, k, *drawn_from in ours_settings:
             runs[f"ours_{label}_s{seed}".replace(" ", "_")] = (f"ours {label}", make_predictor(
                 models[f"ours_f0_s{seed}"][0], "ours", args, solver, steps, k, *drawn_from))
-    for fold in args.ours_ensemble_folds:
-        if fold != 0:  # fold 0 of the first seed is the "ours 1 step" run
-            runs[f"ours_f{fold}_s{s0}"] = ("", make_predictor(models[f"ours_f{fold}_s{s0}"][0], "ours", args))
+    for fold in args.ours_ensemble_folds if len(args.ours_ensemble_folds) > 1 else ():
+        if (key := member_key("ours", fold, args)) not in fold0:
+            runs[key] = ("", make_predictor(models[key][0], "ours", args))
     # + T rows (nnU-Net single, ours 1 step, every ours row with K > 1): one T per run, fitted on t_cases
     calibrated = {"nnU-Net single (fold 0)", "ours 1 step", *(f"ours {s[0]}" for s in ours_settings if s[3] > 1)}
     t_cases, t_note = sorted(splits[0]["val"])[: args.temperature_cases], args.temperature_cases or "all"
@@ -235,13 +232,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     scores.update({f"{rid}+T": RunScores(labels, args.roi_dilation) for rid in temps})
     fit = None if args.no_temperature else (lambda rid, fold: fit_run_temperature(
         runs[rid][1], args, sorted(splits[fold]["val"])[: args.temperature_cases], inputs))
-    ensembles = [fold_ensemble(f"{method}_ensemble_{len(folds)}folds", f"{title} ({len(folds)} folds, {how})", folds,
-                               member, temps, fit)
-                 for method, title, how, folds, member in [
-                     ("nnunet", "nnU-Net ensemble", "softmax mean", args.ensemble_folds,
-                      lambda f: f"nnunet_single_s{s0}" if f == 0 else f"nnunet_f{f}_s{s0}"),
-                     ("ours", "ours ensemble", "1 step each, mean", args.ours_ensemble_folds,
-                      lambda f: f"ours_1_step_s{s0}" if f == 0 else f"ours_f{f}_s{s0}")]
+    each = f", {args.ensemble_epochs} epochs each" if args.ensemble_epochs not in (None, args.epochs) else ""
+    ensembles = [fold_ensemble(f"{method}_ensemble_{len(folds)}folds", f"{title} ({len(folds)} folds, {how}{each})",
+                               folds, lambda f, m=method: member_run(m, f), temps, fit)
+                 for method, title, how, folds in [
+                     ("nnunet", "nnU-Net ensemble", "softmax mean", args.ensemble_folds),
+                     ("ours", "ours ensemble", "1 step each, mean", args.ours_ensemble_folds)]
                  if len(folds) > 1]  # an "ensemble" of one fold is the single model: no row
     for ens in ensembles:
         scores.update({sid: RunScores(labels, args.roi_dilation) for sid in ens.rows()})
@@ -271,7 +267,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = {m: results[m] for m in order}
     seg_table, cal_table = tables(results)
     total_s = time.perf_counter() - t_start
-    budget = (f"{args.epochs} epochs x {args.iterations_per_epoch} iterations, batch {args.batch_size}, "
+    budget = (f"{args.epochs} epochs x {args.iterations_per_epoch} iterations (ensemble members: "
+              f"{args.ensemble_epochs or args.epochs} epochs), batch {args.batch_size}, "
               f"seeds {args.seeds}, ours = {args.ours_trainer}{''.join(' ' + f for f in args.flow)}")
     tta = f"TTA {'on (mirroring)' if args.tta else 'off'}; " + ("" if args.no_temperature else
                                                               f"+ T fitted on {t_note} validation cases of each fold; ")
@@ -290,8 +287,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                "train_s": {k: v[1] for k, v in models.items()}, "total_s": total_s, "results": results,
                "per_case": {rid: sc.cases for rid, sc in scores.items()}, "head": head, "table_segmentation":
                seg_table, "table_calibration": cal_table}
-    C.write_json(args.out_dir / f"bench_value_{args.budget_tag}.json", payload)
-    (args.out_dir / f"bench_value_{args.budget_tag}.md").write_text(
+    out = args.out_dir / f"bench_value_{args.budget_tag}{f'_members_e{args.ensemble_epochs}' if each else ''}"
+    C.write_json(out.with_suffix(".json"), payload)
+    out.with_suffix(".md").write_text(
         f"{head}\n\n```\n{' '.join(info['argv'])}\n```\n\n{seg_table}\n\n{cal_table}\n")
     return 0
 

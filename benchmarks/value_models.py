@@ -12,13 +12,14 @@ model with bench_value's own flags, then ``bench_value.py`` with the same flags 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -31,7 +32,6 @@ logger = logging.getLogger("benchmarks.value")
 
 
 def get_trainer(method: str, fold: int, args: argparse.Namespace, plans: dict, dataset_json: dict):
-    import copy
     import torch
     device = torch.device(args.device)
     if method == "nnunet" or args.ours_trainer == "MedFlowSegTrainer":
@@ -120,6 +120,33 @@ def train_or_load(method: str, fold: int, seed: int, args: argparse.Namespace, p
     torch.save({"state_dict": trainer.network.state_dict(), "train_s": train_s}, cache)
     logger.info("%s: trained in %.0f s", tag, train_s)
     return trainer, train_s
+
+
+def member_key(method: str, fold: int, args: argparse.Namespace) -> str:
+    """Model (and run) key of the fold-ensemble member of ``fold`` (first seed). Fold 0's member is the fold-0
+    single model of the first seed, ``{method}_f0_s{seed}``, unless the members train for their own
+    ``--ensemble_epochs``: then every member is its own model, ``{method}_members_f{fold}_s{seed}``."""
+    own = args.ensemble_epochs not in (None, args.epochs)
+    return f"{method}{'_members' if own else ''}_f{fold}_s{args.seeds[0]}"
+
+
+def train_all(args: argparse.Namespace, plans: dict, dataset_json: dict) -> dict[str, tuple[Any, float]]:
+    """Every model of a bench_value run (trained, or loaded from the cache), key → (trainer, training seconds):
+    ``{method}_f0_s{seed}`` for each of ``--seeds``, and the fold-ensemble members (first seed) of
+    ``--ensemble_folds`` / ``--ours_ensemble_folds`` under ``member_key`` — at ``--ensemble_epochs`` when given, so
+    that one model trained for the ensemble's total iterations can be set beside the ensemble."""
+    members = copy.copy(args)
+    members.epochs = args.ensemble_epochs or args.epochs
+    members.budget_tag = budget_tag(members)
+    models: dict[str, tuple[Any, float]] = {}
+    for method, folds in (("nnunet", args.ensemble_folds), ("ours", args.ours_ensemble_folds)):
+        for seed in args.seeds:
+            models[f"{method}_f0_s{seed}"] = train_or_load(method, 0, seed, args, plans, dataset_json)
+        for fold in folds if len(folds) > 1 else ():  # an "ensemble" of one fold is the single model
+            key = member_key(method, fold, args)
+            if key not in models:
+                models[key] = train_or_load(method, fold, args.seeds[0], members, plans, dataset_json)
+    return models
 
 
 @dataclass(frozen=True)
