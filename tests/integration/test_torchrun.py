@@ -17,16 +17,25 @@ TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchr
 MFS_TRAIN = shutil.which("mfs_train") or str(Path(sys.executable).parent / "mfs_train")
 
 
+def failure_report(run: subprocess.CompletedProcess, log_dir: Path) -> str:
+    """The combined log's tail, then each rank's own output (``torchrun --tee 3`` keeps one file per rank and
+    stream): the rank that failed first is often cut from the combined tail by the other rank's traceback."""
+    ranks = sorted(log_dir.rglob("std*.log"))
+    return "\n".join([(run.stdout + run.stderr)[-3000:],
+                      *(f"--- {f.relative_to(log_dir)} ---\n{f.read_text(errors='replace')[-4000:]}" for f in ranks)])
+
+
 @pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
-def test_torchrun_two_cpu_ranks_train_one_model_and_resume(nnunet_env):
+def test_torchrun_two_cpu_ranks_train_one_model_and_resume(nnunet_env, tmp_path):
     make_synthetic_dataset(nnunet_env["nnUNet_raw"], 993, num_train=6, shape=(20, 24, 20))
     assert plan_and_preprocess.main(["-d", "993", "-c", "3d_fullres", "-np", "1"]) == 0
     env = dict(os.environ, nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0", MFS_DDP_TIMEOUT="300")
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", MFS_TRAIN, "993", "3d_fullres", "0",
-           "-tr", "MedFlowSegTrainer_smoke", "-device", "cpu"]
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "--log-dir", str(tmp_path / "ranks"), "--tee", "3",
+           MFS_TRAIN, "993", "3d_fullres", "0", "-tr", "MedFlowSegTrainer_smoke", "-device", "cpu"]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     log = first.stdout + first.stderr
-    assert first.returncode == 0, log[-3000:]
+    assert first.returncode == 0, failure_report(first, tmp_path / "ranks")
+    assert len(list((tmp_path / "ranks").rglob("stderr.log"))) == 2  # what a failure would show: both ranks
     assert "rank 0 of 2" in log and "rank 1 of 2" in log and "The world size is 2" in log
     model = "MedFlowSegTrainer_smoke__MedFlowSegPlans__3d_fullres"
     fold = nnunet_env["nnUNet_results"] / "Dataset993_Synthetic" / model / "fold_0"
@@ -37,7 +46,7 @@ def test_torchrun_two_cpu_ranks_train_one_model_and_resume(nnunet_env):
     assert sorted(p.name for p in (fold / "validation").glob("*.nii.gz"))  # validation shared by the ranks
 
     resumed = subprocess.run(cmd + ["--c"], env=env, capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    assert resumed.returncode == 0, failure_report(resumed, tmp_path / "ranks")
 
 
 DYING_RANK = """
