@@ -42,7 +42,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 from value_ensemble import fold_ensemble  # noqa: E402
-from value_models import member_key, prepare, train_all  # noqa: E402
+from value_models import member_key, members_apart, prepare, train_all  # noqa: E402
 from value_report import RunScores, tables  # noqa: E402
 
 logger = logging.getLogger("benchmarks.value")
@@ -232,7 +232,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     scores.update({f"{rid}+T": RunScores(labels, args.roi_dilation) for rid in temps})
     fit = None if args.no_temperature else (lambda rid, fold: fit_run_temperature(
         runs[rid][1], args, sorted(splits[fold]["val"])[: args.temperature_cases], inputs))
-    each = f", {args.ensemble_epochs} epochs each" if args.ensemble_epochs not in (None, args.epochs) else ""
+    each = f", {args.ensemble_epochs} epochs each" if members_apart(args) else ""
     ensembles = [fold_ensemble(f"{method}_ensemble_{len(folds)}folds", f"{title} ({len(folds)} folds, {how}{each})",
                                folds, lambda f, m=method: member_run(m, f), temps, fit)
                  for method, title, how, folds in [

@@ -122,12 +122,16 @@ def train_or_load(method: str, fold: int, seed: int, args: argparse.Namespace, p
     return trainer, train_s
 
 
+def members_apart(args: argparse.Namespace) -> bool:
+    """Whether the fold-ensemble members train for their own ``--ensemble_epochs`` (≠ ``--epochs``)."""
+    return args.ensemble_epochs not in (None, args.epochs)
+
+
 def member_key(method: str, fold: int, args: argparse.Namespace) -> str:
     """Model (and run) key of the fold-ensemble member of ``fold`` (first seed). Fold 0's member is the fold-0
-    single model of the first seed, ``{method}_f0_s{seed}``, unless the members train for their own
-    ``--ensemble_epochs``: then every member is its own model, ``{method}_members_f{fold}_s{seed}``."""
-    own = args.ensemble_epochs not in (None, args.epochs)
-    return f"{method}{'_members' if own else ''}_f{fold}_s{args.seeds[0]}"
+    single model of the first seed, ``{method}_f0_s{seed}``, unless ``members_apart``: then every member is its
+    own model, ``{method}_members_f{fold}_s{seed}``."""
+    return f"{method}{'_members' if members_apart(args) else ''}_f{fold}_s{args.seeds[0]}"
 
 
 def train_all(args: argparse.Namespace, plans: dict, dataset_json: dict) -> dict[str, tuple[Any, float]]:
