@@ -42,7 +42,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 from value_ensemble import fold_ensemble  # noqa: E402
-from value_models import member_key, members_apart, prepare, train_all  # noqa: E402
+from value_models import ensemble_folds, member_key, members_apart, prepare, train_all  # noqa: E402
 from value_report import RunScores, tables  # noqa: E402
 
 logger = logging.getLogger("benchmarks.value")
@@ -212,16 +212,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def member_run(method: str, fold: int) -> str:  # a member that is a single-model run is predicted once
         return fold0.get(member_key(method, fold, args), member_key(method, fold, args))
-    for fold in args.ensemble_folds if len(args.ensemble_folds) > 1 else ():
-        if (key := member_key("nnunet", fold, args)) not in fold0:
-            runs[key] = ("", make_predictor(models[key][0], "nnunet", args))
     for seed in args.seeds:
         for label, solver, steps, k, *drawn_from in ours_settings:
             runs[f"ours_{label}_s{seed}".replace(" ", "_")] = (f"ours {label}", make_predictor(
                 models[f"ours_f0_s{seed}"][0], "ours", args, solver, steps, k, *drawn_from))
-    for fold in args.ours_ensemble_folds if len(args.ours_ensemble_folds) > 1 else ():
-        if (key := member_key("ours", fold, args)) not in fold0:
-            runs[key] = ("", make_predictor(models[key][0], "ours", args))
+    for method in ("nnunet", "ours"):  # the members that are not a single-model run: predicted, scored as members
+        for fold in ensemble_folds(method, args):
+            if (key := member_key(method, fold, args)) not in fold0:
+                runs[key] = ("", make_predictor(models[key][0], method, args))
     # + T rows (nnU-Net single, ours 1 step, every ours row with K > 1): one T per run, fitted on t_cases
     calibrated = {"nnU-Net single (fold 0)", "ours 1 step", *(f"ours {s[0]}" for s in ours_settings if s[3] > 1)}
     t_cases, t_note = sorted(splits[0]["val"])[: args.temperature_cases], args.temperature_cases or "all"
@@ -235,10 +233,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     each = f", {args.ensemble_epochs} epochs each" if members_apart(args) else ""
     ensembles = [fold_ensemble(f"{method}_ensemble_{len(folds)}folds", f"{title} ({len(folds)} folds, {how}{each})",
                                folds, lambda f, m=method: member_run(m, f), temps, fit)
-                 for method, title, how, folds in [
-                     ("nnunet", "nnU-Net ensemble", "softmax mean", args.ensemble_folds),
-                     ("ours", "ours ensemble", "1 step each, mean", args.ours_ensemble_folds)]
-                 if len(folds) > 1]  # an "ensemble" of one fold is the single model: no row
+                 for method, title, how in [("nnunet", "nnU-Net ensemble", "softmax mean"),
+                                            ("ours", "ours ensemble", "1 step each, mean")]
+                 if (folds := ensemble_folds(method, args))]  # an "ensemble" of one fold is the single model: no row
     for ens in ensembles:
         scores.update({sid: RunScores(labels, args.roi_dilation) for sid in ens.rows()})
         logger.info("%s member temperatures %s", ens.run_id, dict(ens.temperatures))

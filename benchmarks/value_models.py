@@ -127,6 +127,13 @@ def members_apart(args: argparse.Namespace) -> bool:
     return args.ensemble_epochs not in (None, args.epochs)
 
 
+def ensemble_folds(method: str, args: argparse.Namespace) -> list[int]:
+    """The folds of ``method``'s fold ensemble (``--ensemble_folds`` / ``--ours_ensemble_folds``); none when fewer
+    than two are given: an "ensemble" of one fold is the single model."""
+    folds = args.ensemble_folds if method == "nnunet" else args.ours_ensemble_folds
+    return list(folds) if len(folds) > 1 else []
+
+
 def member_key(method: str, fold: int, args: argparse.Namespace) -> str:
     """Model (and run) key of the fold-ensemble member of ``fold`` (first seed). Fold 0's member is the fold-0
     single model of the first seed, ``{method}_f0_s{seed}``, unless ``members_apart``: then every member is its
@@ -143,10 +150,10 @@ def train_all(args: argparse.Namespace, plans: dict, dataset_json: dict) -> dict
     members.epochs = args.ensemble_epochs or args.epochs
     members.budget_tag = budget_tag(members)
     models: dict[str, tuple[Any, float]] = {}
-    for method, folds in (("nnunet", args.ensemble_folds), ("ours", args.ours_ensemble_folds)):
+    for method in ("nnunet", "ours"):
         for seed in args.seeds:
             models[f"{method}_f0_s{seed}"] = train_or_load(method, 0, seed, args, plans, dataset_json)
-        for fold in folds if len(folds) > 1 else ():  # an "ensemble" of one fold is the single model
+        for fold in ensemble_folds(method, args):
             key = member_key(method, fold, args)
             if key not in models:
                 models[key] = train_or_load(method, fold, args.seeds[0], members, plans, dataset_json)
