@@ -103,6 +103,8 @@ class FlowMatchingConfig:
             trained on a short budget); 0 = every member its own shuffle (:mod:`medflowseg_nn.trainers.mimo`).
         label_smoothing_sigma: σ of the spatially varying label smoothing of the CE target of the full-resolution
             output (:mod:`medflowseg_nn.flow.label_smoothing`); 0 = the one-hot target (nnU-Net's CE).
+        dice_weight: weight of the soft Dice inside the full-resolution output's Dice + CE term; 0 leaves CE and
+            the flow MSE (a Brier score on x̂1 at t = 0), proper scores only, for calibration (issue #9).
     """
 
     parameterization: str = "x1"
@@ -121,6 +123,7 @@ class FlowMatchingConfig:
     own_estimate_fraction: float = 1.0
     aux_on_own_estimate: bool = False
     label_smoothing_sigma: float = 0.0
+    dice_weight: float = 1.0
     mimo_input_repetition: float = 0.0
     network: NetworkOptions = field(default_factory=NetworkOptions)
 
@@ -149,6 +152,8 @@ class FlowMatchingConfig:
             raise ValueError(f"flow_matching.mimo_input_repetition must be in [0, 1], got {self.mimo_input_repetition}")
         if self.label_smoothing_sigma < 0:
             raise ValueError(f"flow_matching.label_smoothing_sigma must be >= 0, got {self.label_smoothing_sigma}")
+        if self.dice_weight < 0:
+            raise ValueError(f"flow_matching.dice_weight must be >= 0, got {self.dice_weight}")
         self.build_time_sampler()
         self.solver_config()
 

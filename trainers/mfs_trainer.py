@@ -122,10 +122,10 @@ class MedFlowSegTrainer(nnUNetTrainer):
 
     def _build_loss(self) -> nn.Module:
         """The flow loss on the full-resolution output; also builds :attr:`aux_seg_loss` (``None`` without DS)."""
-        c = self.flow_config
+        c, regions = self.flow_config, self.label_manager.has_regions
         self.aux_seg_loss = self._build_aux_seg_loss()
         return FlowMatchingLoss(c.parameterization, c.mse_weight, c.seg_weight, c.logit_scale, ddp=self.is_ddp,
-                                multilabel=self.label_manager.has_regions, smoothing_sigma=c.label_smoothing_sigma)
+                                multilabel=regions, smoothing_sigma=c.label_smoothing_sigma, dice_weight=c.dice_weight)
 
     def _build_aux_seg_loss(self) -> Optional[nn.Module]:
         """nnU-Net's deep-supervision loss (its ``DC_and_CE_loss`` / ``DC_and_BCE_loss`` for regions, its weights

@@ -168,6 +168,12 @@ class MedFlowSegTrainer_spatialLabelSmoothing(MedFlowSegTrainer):
     flow_overrides = {"label_smoothing_sigma": 1.0}
 
 
+class MedFlowSegTrainer_noDice(MedFlowSegTrainer):
+    """The full-resolution output trained on CE + the flow MSE without the soft Dice: proper scores only, for
+    calibration (the Dice loss is known to push probabilities to 0 / 1; issue #9)."""
+    flow_overrides = {"dice_weight": 0.0}
+
+
 class MedFlowSegTrainer_wholeBatch(MedFlowSegTrainer):
     """Every training step's batch through one forward and backward on the CPU too (no micro-batches; before
     2026-12-05 the only behaviour): for comparisons of the step's time."""

@@ -14,7 +14,7 @@ is Dice over all R channels + BCE, nnU-Net's ``DC_and_BCE_loss`` with batch Dice
 Ignore label (``mask [B, 1, *S]``, 0 at ignored voxels): every term — flow MSE, Dice, CE/BCE — is a mean over
 the voxels that count only (Dice as nnU-Net's ``loss_mask``); ignored voxels contribute no gradient.
 
-Loss = ``mse_weight`` · MSE + ``seg_weight`` · (soft Dice + CE) on the one-step estimate; see
+Loss = ``mse_weight`` · MSE + ``seg_weight`` · (``dice_weight`` · soft Dice + CE) on the one-step estimate; see
 :class:`FlowMatchingLoss` for which MSE each parameterisation uses.
 """
 from __future__ import annotations
@@ -121,12 +121,13 @@ class FlowMatchingLoss(nn.Module):
     The MSE is taken on the velocity for the ``velocity`` parameterisation and on the clean-mask estimate for
     ``x1`` (velocity MSE weighted by (1 − t)², which stays finite as t → 1). ``multilabel``: the label space is
     R binary region channels (sigmoid), see the module docstring. ``smoothing_sigma`` > 0: the CE / BCE target
-    is spatially smoothed (SVLS); the Dice term and the MSE keep the hard mask.
+    is spatially smoothed (SVLS); the Dice term and the MSE keep the hard mask. ``dice_weight`` scales the soft
+    Dice (0: CE + MSE, proper scores only; the Dice is then not computed).
     """
 
     def __init__(self, parameterization: str = "x1", mse_weight: float = 1.0, seg_weight: float = 1.0,
                  logit_scale: float = 5.0, ddp: bool = False, multilabel: bool = False,
-                 smoothing_sigma: float = 0.0):
+                 smoothing_sigma: float = 0.0, dice_weight: float = 1.0):
         super().__init__()
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"unknown parameterization {parameterization!r}; use one of {PARAMETERIZATIONS}")
@@ -137,6 +138,7 @@ class FlowMatchingLoss(nn.Module):
         self.ddp = ddp  #: batch Dice over the global batch of all ranks (see soft_dice_loss)
         self.multilabel = multilabel
         self.smoothing_sigma = smoothing_sigma  #: SVLS of the CE target (0 = the one-hot target)
+        self.dice_weight = dice_weight  #: weight of the soft Dice beside the CE (0 = CE only)
 
     def forward(self, raw: Tensor, path: PathSample, seg: Tensor,
                 mask: Optional[Tensor] = None) -> dict[str, Tensor]:
@@ -154,7 +156,9 @@ class FlowMatchingLoss(nn.Module):
         else:
             mse = masked_mean((out.x1_hat - path.x1.float()) ** 2, mask)
         zero = raw.new_zeros(())
-        seg_loss = (soft_dice_loss(out.logits, seg, ddp=self.ddp, mask=mask, multilabel=self.multilabel)
+        dice = (soft_dice_loss(out.logits, seg, ddp=self.ddp, mask=mask, multilabel=self.multilabel)
+                if self.seg_weight > 0 and self.dice_weight > 0 else zero)
+        seg_loss = (self.dice_weight * dice
                     + cross_entropy_loss(out.logits, seg, mask, self.multilabel, self.smoothing_sigma)
                     if self.seg_weight > 0 else zero)
         loss = self.mse_weight * mse + self.seg_weight * seg_loss

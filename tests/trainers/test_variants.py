@@ -114,6 +114,13 @@ def test_label_smoothing_variant_builds_a_smoothing_loss(planned):
     assert make_trainer(MedFlowSegTrainer, planned, fresh(planned)[0])._build_loss().smoothing_sigma == 0.0
 
 
+def test_no_dice_variant_builds_a_ce_only_loss(planned):
+    trainer = make_trainer(variants.MedFlowSegTrainer_noDice, planned, fresh(planned)[0])
+    assert trainer.plans_manager.plans[PLANS_KEY]["dice_weight"] == 0.0  # saved with the model
+    assert trainer._build_loss().dice_weight == 0.0
+    assert make_trainer(MedFlowSegTrainer, planned, fresh(planned)[0])._build_loss().dice_weight == 1.0
+
+
 @pytest.mark.parametrize("stages", [[4], [-5], [1, -3]])
 def test_dropout_stages_outside_the_network_or_twice_are_refused(stages):
     from medflowseg_nn.config import NetworkOptions
