@@ -9,21 +9,27 @@ softmax of the logits the sliding window accumulated, and ``log softmax(z) = z -
 
 Own code rather than a library: torchmetrics and MONAI measure calibration but fit no temperature; the fit is a
 1-D bounded minimisation (``scipy.optimize.minimize_scalar`` over log T). Imports no nnunetv2.
+
+A fold's ``temperature.json`` may also hold a top-label isotonic map fitted after T
+(:mod:`medflowseg_nn.recalibration`); :class:`FoldCalibration` is both, as the predictor applies them.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 from scipy.optimize import minimize_scalar
 
 from medflowseg_nn.errors import UserError
+from medflowseg_nn.recalibration import TopLabelMap, apply_top_label_map, apply_top_label_map_np, fit_top_label_map
 
-__all__ = ["apply_temperature", "fit_temperature", "fit_temperature_on_folder", "fit_validation_temperature",
-           "save_temperature", "load_temperature", "TEMPERATURE_FILE",
+__all__ = ["apply_temperature", "fit_temperature", "fit_calibration_on_folder", "fit_validation_temperature",
+           "save_temperature", "load_calibration", "FoldCalibration", "TEMPERATURE_FILE",
            "T_BOUNDS"]
 logger = logging.getLogger(__name__)
 TEMPERATURE_FILE = "temperature.json"
@@ -44,6 +50,31 @@ def apply_temperature(probabilities: np.ndarray, temperature: float, axis: int =
     z -= z.max(axis=axis, keepdims=True)
     e = np.exp(z)
     return (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class FoldCalibration:
+    """What a fold's ``temperature.json`` holds: T, and optionally the top-label map fitted after it."""
+
+    temperature: float
+    top_label_map: Optional[TopLabelMap] = None
+
+    def probabilities(self, probabilities: np.ndarray) -> np.ndarray:
+        """``[C, *S]`` probabilities → recalibrated ones (T, then the map), float32."""
+        p = apply_temperature(probabilities, self.temperature)
+        return p if self.top_label_map is None else apply_top_label_map_np(p, self.top_label_map)
+
+    def scaled(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[C, *S]`` logits → ``logits / T`` in float32 (float16 logits divided and rounded back could tie and
+        move the argmax): the same argmax."""
+        return logits.float() / self.temperature
+
+    def mapped(self, scaled: torch.Tensor) -> Optional[torch.Tensor]:
+        """:meth:`scaled` logits ``[C, *S]`` → float32 logits whose softmax is the mapped probabilities (the log of
+        :func:`~medflowseg_nn.recalibration.apply_top_label_map`); ``None`` without a map."""
+        if self.top_label_map is None:
+            return None
+        return torch.log(apply_top_label_map(torch.softmax(scaled.float(), 0), self.top_label_map).clamp_min(_EPS))
 
 
 def _nll(log_p: np.ndarray, labels: np.ndarray, temperature: float) -> float:
@@ -84,12 +115,13 @@ def fit_temperature(probabilities: Sequence[np.ndarray], labels: Sequence[np.nda
     return temperature
 
 
-def fit_temperature_on_folder(prob_dir: str, ref_dir: str, file_ending: str = ".nii.gz", roi_dilation: int = 3,
-                              max_cases: Optional[int] = None,
-                              ignore_label: Optional[int] = None) -> tuple[float, dict]:
+def fit_calibration_on_folder(prob_dir: str, ref_dir: str, file_ending: str = ".nii.gz", roi_dilation: int = 3,
+                              max_cases: Optional[int] = None, ignore_label: Optional[int] = None,
+                              top_label_map: bool = True) -> tuple[FoldCalibration, dict]:
     """Fit T on every ``prob_dir/CASE.npz`` (nnU-Net's ``probabilities`` [C, *S], e.g. a fold's final validation
     with ``--npz``) against ``ref_dir/CASE{file_ending}``, in each reference's ROI (foreground dilated by
-    ``roi_dilation`` voxels; voxels with ``ignore_label`` left out). Returns T and a JSON-ready description."""
+    ``roi_dilation`` voxels; voxels with ``ignore_label`` left out), then (``top_label_map``) the top-label map on
+    the tempered probabilities in the same voxels. Returns them and a JSON-ready description."""
     from medflowseg_nn.calibration import reference_roi
     from medflowseg_nn.calibration_folder import read_probabilities, read_reference
     cases = sorted(f[:-4] for f in os.listdir(prob_dir) if f.endswith(".npz"))[:max_cases]
@@ -106,38 +138,49 @@ def fit_temperature_on_folder(prob_dir: str, ref_dir: str, file_ending: str = ".
         refs.append(np.where(keep, ref, 0))
         rois.append(reference_roi(refs[-1], roi_dilation) & keep)
     temperature = fit_temperature(probs, refs, rois)
-    return temperature, {"cases": cases, "roi_dilation": roi_dilation, "objective": "NLL in the reference ROI",
-                         "probabilities": os.path.abspath(prob_dir)}
+    mapped = fit_top_label_map([apply_temperature(p, temperature) for p in probs], refs, rois) if top_label_map \
+        else None
+    return FoldCalibration(temperature, mapped), {
+        "cases": cases, "roi_dilation": roi_dilation, "objective": "NLL in the reference ROI",
+        "top_label_map": "isotonic, after T, in the reference ROI" if top_label_map else None,
+        "probabilities": os.path.abspath(prob_dir)}
 
 
 def fit_validation_temperature(fold_folder: str, gt_folder: str, file_ending: str, sampler: dict,
                                ignore_label: Optional[int] = None, keep_probabilities: bool = False) -> float:
-    """After a fold's final validation with probabilities (``fold_folder/validation/CASE.npz``): fit T against
-    ``gt_folder``, save it with the ``sampler`` settings it holds for (``fold_folder/temperature.json``) and, unless
-    ``keep_probabilities``, remove the ``.npz`` / ``.pkl`` files the validation wrote for it."""
+    """After a fold's final validation with probabilities (``fold_folder/validation/CASE.npz``): fit T and the
+    top-label map after it against ``gt_folder``, save them with the ``sampler`` settings they hold for
+    (``fold_folder/temperature.json``) and, unless ``keep_probabilities``, remove the ``.npz`` / ``.pkl`` files the
+    validation wrote for it. Returns T."""
     validation = os.path.join(fold_folder, "validation")
-    temperature, info = fit_temperature_on_folder(validation, gt_folder, file_ending, ignore_label=ignore_label)
-    save_temperature(fold_folder, temperature, {**info, "sampler": sampler})
+    calibration, info = fit_calibration_on_folder(validation, gt_folder, file_ending, ignore_label=ignore_label)
+    save_temperature(fold_folder, calibration.temperature, {**info, "sampler": sampler}, calibration.top_label_map)
     if not keep_probabilities:
         for name in os.listdir(validation):
             if name.endswith((".npz", ".pkl")):
                 os.remove(os.path.join(validation, name))
-    logger.info("fold temperature %.3f fitted on %d validation cases (%s)", temperature, len(info["cases"]), sampler)
-    return temperature
+    logger.info("fold temperature %.3f and top-label map fitted on %d validation cases (%s)",
+                calibration.temperature, len(info["cases"]), sampler)
+    return calibration.temperature
 
 
-def save_temperature(folder: str, temperature: float, fitted_on: dict) -> str:
-    """Write ``folder/temperature.json`` ({"temperature", "fitted_on"}) atomically; returns its path."""
+def save_temperature(folder: str, temperature: float, fitted_on: dict,
+                     top_label_map: Optional[TopLabelMap] = None) -> str:
+    """Write ``folder/temperature.json`` ({"temperature", "fitted_on"[, "top_label_map"]}) atomically; returns its
+    path."""
     path = os.path.join(folder, TEMPERATURE_FILE)
+    content = {"temperature": float(temperature), "fitted_on": fitted_on}
+    if top_label_map is not None:
+        content["top_label_map"] = top_label_map.to_dict()
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump({"temperature": float(temperature), "fitted_on": fitted_on}, f, indent=1)
+        json.dump(content, f, indent=1)
     os.replace(tmp, path)
     return path
 
 
-def load_temperature(folder: str, sampler: Optional[dict] = None) -> Optional[float]:
-    """The temperature saved in ``folder``; ``None`` when there is none or when it was fitted for other
+def load_calibration(folder: str, sampler: Optional[dict] = None) -> Optional[FoldCalibration]:
+    """The calibration saved in ``folder``; ``None`` when there is none or when it was fitted for other
     ``sampler`` settings than these (a T fitted for one sample at one step over-softens K averaged samples).
     A broken file is a UserError."""
     path = os.path.join(folder, TEMPERATURE_FILE)
@@ -146,7 +189,8 @@ def load_temperature(folder: str, sampler: Optional[dict] = None) -> Optional[fl
     try:
         content = json.load(open(path))
         value = float(content["temperature"])
-    except (ValueError, KeyError, TypeError) as e:
+        mapped = TopLabelMap.from_dict(content["top_label_map"]) if content.get("top_label_map") else None
+    except (ValueError, KeyError, TypeError, UserError) as e:
         raise UserError(f"{path} is not a temperature file ({e}); delete it or refit it") from e
     if not T_BOUNDS[0] <= value <= T_BOUNDS[1]:
         raise UserError(f"{path}: temperature {value} outside {T_BOUNDS}")
@@ -155,4 +199,5 @@ def load_temperature(folder: str, sampler: Optional[dict] = None) -> Optional[fl
         logger.info("%s was fitted for %s, not %s: probabilities are not temperature-scaled", path, fitted_for,
                     sampler)
         return None
-    return value
+    return FoldCalibration(value, mapped)
+

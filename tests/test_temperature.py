@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from medflowseg_nn.errors import UserError
-from medflowseg_nn.temperature import (apply_temperature, fit_temperature, fit_temperature_on_folder,
-                                       load_temperature, save_temperature)
+from medflowseg_nn.recalibration import TopLabelMap, apply_top_label_map_np, fit_top_label_map
+from medflowseg_nn.temperature import (FoldCalibration, apply_temperature, fit_calibration_on_folder,
+                                       fit_temperature, load_calibration, save_temperature)
 
 
 def softmax(z: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -65,16 +66,24 @@ def test_fit_rejects_bad_input():
 
 
 def test_save_and_load(tmp_path):
-    assert load_temperature(str(tmp_path)) is None
+    assert load_calibration(str(tmp_path)) is None
     path = save_temperature(str(tmp_path), 1.7, {"cases": 3})
     assert json.load(open(path)) == {"temperature": 1.7, "fitted_on": {"cases": 3}}
-    assert load_temperature(str(tmp_path)) == 1.7
+    assert load_calibration(str(tmp_path)) == FoldCalibration(1.7)
+    mapped = TopLabelMap((0.5, 0.9), (0.6, 0.8))
+    save_temperature(str(tmp_path), 1.7, {"cases": 3, "sampler": {"steps": 1}}, mapped)
+    assert load_calibration(str(tmp_path), {"steps": 1}) == FoldCalibration(1.7, mapped)
+    assert load_calibration(str(tmp_path), {"steps": 2}) is None  # fitted for other sampler settings
+    (tmp_path / "temperature.json").write_text('{"temperature": 1, "top_label_map": {"confidence": [0.9, 0.5], '
+                                               '"accuracy": [0.6, 0.8]}}')
+    with pytest.raises(UserError, match="not a temperature file"):
+        load_calibration(str(tmp_path))
     (tmp_path / "temperature.json").write_text('{"t": 1}')
     with pytest.raises(UserError, match="not a temperature file"):
-        load_temperature(str(tmp_path))
+        load_calibration(str(tmp_path))
     (tmp_path / "temperature.json").write_text('{"temperature": 100}')
     with pytest.raises(UserError, match="outside"):
-        load_temperature(str(tmp_path))
+        load_calibration(str(tmp_path))
 
 
 def test_fit_on_a_folder_of_npz_and_references(tmp_path):
@@ -91,8 +100,15 @@ def test_fit_on_a_folder_of_npz_and_references(tmp_path):
         direct_p.append(softmax(z).astype(np.float32))
         direct_y.append(ref.astype(np.int64))
         direct_m.append(np.ones(ref.shape, bool))  # the dilated ROI of a dense random reference is everything
-    t, info = fit_temperature_on_folder(str(tmp_path / "probs"), str(tmp_path / "refs"), roi_dilation=3)
+    fitted, info = fit_calibration_on_folder(str(tmp_path / "probs"), str(tmp_path / "refs"), roi_dilation=3)
+    t = fitted.temperature
     assert info["cases"] == ["c0", "c1"] and t > 1.3  # over-confident by construction (labels from z / 2)
     assert t == pytest.approx(fit_temperature(direct_p, direct_y, direct_m), rel=1e-6)
+    tempered = [apply_temperature(p, t) for p in direct_p]
+    assert fitted.top_label_map == fit_top_label_map(tempered, direct_y, direct_m)  # after T, on the same voxels
+    np.testing.assert_allclose(fitted.probabilities(direct_p[0]), apply_top_label_map_np(tempered[0],
+                                                                                         fitted.top_label_map))
+    assert fit_calibration_on_folder(str(tmp_path / "probs"), str(tmp_path / "refs"),
+                                     top_label_map=False)[0] == FoldCalibration(t)
     with pytest.raises(UserError, match="no CASE.npz"):
-        fit_temperature_on_folder(str(tmp_path / "refs"), str(tmp_path / "refs"))
+        fit_calibration_on_folder(str(tmp_path / "refs"), str(tmp_path / "refs"))

@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each of the --num_samples samples runs its own thinned network (MC dropout; needs a model "
                         "trained with dropout, e.g. -tr MedFlowSegTrainer_dropout): model-level sample diversity")
     p.add_argument("--no_temperature", action="store_true",
-                   help="do not divide the logits by the folds' fitted temperatures (fold_X/temperature.json)")
+                   help="do not recalibrate the probabilities with what each fold fitted on its validation "
+                        "(fold_X/temperature.json: its temperature and top-label map)")
     p.add_argument("--save_probabilities", action="store_true",
                    help="also write nnU-Net's CASE.npz ('probabilities' [C, *S], sum 1 per voxel) and CASE.pkl")
     p.add_argument("--save_uncertainty", nargs="?", const="", default=None, metavar="DIR",

@@ -42,14 +42,23 @@ class CaseArrays:
 
 def case_arrays(logits: ArrayLike, properties: dict, plans_manager, configuration_manager, label_manager,
                 disagreement: Optional[ArrayLike] = None, with_probabilities: bool = False,
-                with_entropy: bool = False) -> CaseArrays:
+                with_entropy: bool = False, mapped: Optional[ArrayLike] = None) -> CaseArrays:
     """``logits [C, *S]`` (and ``disagreement [*S]``) in nnU-Net's preprocessed geometry → :class:`CaseArrays`.
-    The label manager decides softmax or (regions) sigmoid and ``regions_class_order``, as in nnU-Net."""
-    logits = logits.cpu().numpy() if isinstance(logits, Tensor) else logits
+    The label manager decides softmax or (regions) sigmoid and ``regions_class_order``, as in nnU-Net.
+    ``mapped [C, *S]`` (:attr:`CasePrediction.mapped`): the probabilities and the entropy come from these logits,
+    the segmentation from ``logits``."""
+    def to_numpy(x: ArrayLike) -> np.ndarray:
+        return x.cpu().numpy() if isinstance(x, Tensor) else x
+
     need_probs = with_probabilities or with_entropy
     ret = convert_predicted_logits_to_segmentation_with_correct_shape(
-        logits, plans_manager, configuration_manager, label_manager, properties, return_probabilities=need_probs)
-    seg, probs = ret if need_probs else (ret, None)
+        to_numpy(logits), plans_manager, configuration_manager, label_manager, properties,
+        return_probabilities=need_probs and mapped is None)
+    seg, probs = ret if need_probs and mapped is None else (ret, None)
+    if need_probs and mapped is not None:
+        probs = convert_predicted_logits_to_segmentation_with_correct_shape(
+            to_numpy(mapped), plans_manager, configuration_manager, label_manager, properties,
+            return_probabilities=True)[1]
     dis = None if disagreement is None else revert_to_original_geometry(disagreement, properties, plans_manager,
                                                                         configuration_manager, (0, 1))
     entropy = None

@@ -32,7 +32,7 @@ from medflowseg_nn.inference.sampler import HYPOTHESES, FlowSegmenter
 from medflowseg_nn.inference.sliding_window import CasePrediction, stitch_patches
 from medflowseg_nn.inference.uncertainty import mask_votes_disagreement, votes_disagreement
 from medflowseg_nn.model import build_vector_field
-from medflowseg_nn.temperature import load_temperature
+from medflowseg_nn.temperature import FoldCalibration, load_calibration
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +42,10 @@ class MedFlowSegPredictor(nnUNetPredictor):
     ``steps`` and ``solver`` of the ODE, prior ``seed`` (sample k uses seed + k), ``num_samples`` K,
     ``hypotheses`` (what the steps before the last move towards: ``sampler.HYPOTHESES``), ``model_samples``
     (each sample through its own thinned network: MC dropout of a model trained with dropout), and
-    ``use_temperature``: divide each fold's logits by the temperature fitted on its validation
-    (``fold_X/temperature.json``, :mod:`medflowseg_nn.temperature`) when it was fitted for these sampler settings.
-    Only probabilities change; a single fold's segmentation is the same."""
+    ``use_temperature``: recalibrate each fold's logits with what was fitted on its validation
+    (``fold_X/temperature.json``, :mod:`medflowseg_nn.temperature`: the temperature, then the top-label map when
+    the file has one) when it was fitted for these sampler settings. Only probabilities change; a single fold's
+    segmentation is the same."""
 
     def __init__(self, tile_step_size: float = 0.5, use_gaussian: bool = True, use_mirroring: bool = True,
                  perform_everything_on_device: bool = True, device: torch.device = torch.device("cuda"),
@@ -61,8 +62,8 @@ class MedFlowSegPredictor(nnUNetPredictor):
         self.steps, self.solver, self.seed, self.num_samples = steps, solver, seed, num_samples
         self.hypotheses, self.model_samples = hypotheses, model_samples
         self.use_temperature = use_temperature
-        #: per entry of ``list_of_parameters``: its temperature or None (set when loading a model folder)
-        self.fold_temperatures: list[Optional[float]] = []
+        #: per entry of ``list_of_parameters``: its calibration or None (set when loading a model folder)
+        self.fold_calibrations: list[Optional[FoldCalibration]] = []
         self._loaded: Optional[tuple[dict, int]] = None  # (state dict, weights_state) loaded last: load_parameters
 
     def weights_state(self) -> int:
@@ -162,36 +163,42 @@ class MedFlowSegPredictor(nnUNetPredictor):
             return (logits > 0).float()
         return torch.nn.functional.one_hot(logits.argmax(0), logits.shape[0]).movedim(-1, 0).float()
 
-    def predict_case(self, data: Tensor, with_disagreement: bool = False) -> CasePrediction:
+    def predict_case(self, data: Tensor, with_disagreement: bool = False, with_mapped: bool = False
+                     ) -> CasePrediction:
         """``data [C_img, *S]`` (preprocessed) → :class:`CasePrediction` on the CPU: logits averaged over the
         folds' weights (nnU-Net's fold ensemble) and, if requested, the disagreement of the members: the K samples
-        of one fold, or with F folds the F·K (fold, sample) segmentations (their class votes summed over folds)."""
+        of one fold, or with F folds the F·K (fold, sample) segmentations (their class votes summed over folds);
+        ``with_mapped``: also the mapped logits where every fold has a top-label map (for exported probabilities)."""
         n_threads = torch.get_num_threads()
         torch.set_num_threads(min(default_num_processes, n_threads))
         folds = len(self.list_of_parameters)
         with_votes = with_disagreement and folds > 1
         try:
-            logits, disagreement, votes = None, None, None
+            logits, disagreement, votes, mapped, every_fold_mapped = None, None, None, None, True
             for i, params in enumerate(self.list_of_parameters):
                 self.load_parameters(params)
                 one = self._predict_one_model(data, with_disagreement, with_votes)
                 fold_logits = one.logits.to("cpu")
-                if i < len(self.fold_temperatures) and self.fold_temperatures[i] is not None:
-                    # float32: nnU-Net's float16 logits divided and rounded back could tie and move the argmax
-                    fold_logits = fold_logits.float() / self.fold_temperatures[i]
+                calibration = self.fold_calibrations[i] if i < len(self.fold_calibrations) else None
+                if calibration is not None:
+                    fold_logits = calibration.scaled(fold_logits)
+                fold_mapped = calibration.mapped(fold_logits) if calibration is not None and with_mapped else None
+                every_fold_mapped = every_fold_mapped and fold_mapped is not None  # else the export uses T alone
+                mapped = None if not every_fold_mapped else fold_mapped if mapped is None else mapped + fold_mapped
                 logits = fold_logits if logits is None else logits + fold_logits
                 disagreement = one.disagreement
                 if with_votes:
                     votes = one.votes if votes is None else votes + one.votes
             if folds > 1:
                 logits /= folds
+                mapped = None if mapped is None else mapped / folds
         finally:
             torch.set_num_threads(n_threads)
         if with_votes:
             members = folds * self.segmenter.num_samples
             disagreement = mask_votes_disagreement(votes, members).mean(0) if self.segmenter.multilabel \
                 else votes_disagreement(votes, members)
-        return CasePrediction(logits, disagreement)
+        return CasePrediction(logits, disagreement, mapped=mapped)
 
     def predict_logits_from_preprocessed_data(self, data: Tensor) -> Tensor:
         """nnU-Net's entry point for one preprocessed case: ``[C_img, *S]`` → logits ``[C, *S]``."""
@@ -239,8 +246,8 @@ class MedFlowSegPredictor(nnUNetPredictor):
                                    checkpoint["trainer_name"], checkpoint.get("inference_allowed_mirroring_axes"))
         settings = self.sampler_settings(self.segmenter.solver, self.num_samples, self.hypotheses,
                                          self.model_samples)
-        self.fold_temperatures = [
-            load_temperature(join(model_training_output_dir, f"fold_{f}"), settings)
+        self.fold_calibrations = [
+            load_calibration(join(model_training_output_dir, f"fold_{f}"), settings)
             if self.use_temperature and not self.label_manager.has_regions else None for f in use_folds]
-        logger.info("loaded %s (%s, folds %s) with %s; temperatures %s", model_training_output_dir,
-                    checkpoint["trainer_name"], list(use_folds), self.segmenter.solver, self.fold_temperatures)
+        logger.info("loaded %s (%s, folds %s) with %s; calibrations %s", model_training_output_dir,
+                    checkpoint["trainer_name"], list(use_folds), self.segmenter.solver, self.fold_calibrations)

@@ -102,12 +102,13 @@ def case_outputs(job: CaseJob, file_ending: str, options: ExportOptions) -> dict
 
 
 def export_case(logits, properties: dict, disagreement, job: CaseJob, options: ExportOptions, plans_manager,
-                configuration_manager, dataset_json: dict) -> None:
-    """Revert a case to the input geometry and write its outputs atomically (top level: runs in a spawn pool)."""
+                configuration_manager, dataset_json: dict, mapped=None) -> None:
+    """Revert a case to the input geometry and write its outputs atomically (top level: runs in a spawn pool).
+    ``mapped``: :attr:`CasePrediction.mapped` (probabilities and entropy from it)."""
     arrays = case_arrays(logits, properties, plans_manager, configuration_manager,
                          plans_manager.get_label_manager(dataset_json), disagreement=disagreement,
                          with_probabilities=options.save_probabilities,
-                         with_entropy=options.uncertainty_folder is not None)
+                         with_entropy=options.uncertainty_folder is not None, mapped=mapped)
     io = plans_manager.image_reader_writer_class()
 
     def overlay(path: str, a) -> None:
@@ -198,6 +199,7 @@ def predict_cases(predictor: MedFlowSegPredictor, jobs: Sequence[CaseJob], optio
     """Predict and export every job; returns ``{case: one-line problem}`` for the cases that failed (their
     outputs are not written; all others are). ``num_processes_* = 0`` runs that stage in this process."""
     with_disagreement = options.uncertainty_folder is not None
+    wants_probs = options.save_probabilities or with_disagreement  # the uncertainty folder holds the entropy map
     failures: dict[str, str] = {}
     pool = multiprocessing.get_context("spawn").Pool(num_processes_export) if num_processes_export > 0 else None
     workers = nnunet_compat.pool_workers(pool) if pool is not None else []
@@ -207,13 +209,14 @@ def predict_cases(predictor: MedFlowSegPredictor, jobs: Sequence[CaseJob], optio
             logger.info("predicting %s", job.case)
             name = os.path.basename(job.files[0])
             try:
-                out = predictor.predict_case(item["data"], with_disagreement=with_disagreement)
+                out = predictor.predict_case(item["data"], with_disagreement=with_disagreement, with_mapped=wants_probs)
             except Exception as e:  # noqa: BLE001 - reported per case
                 failures[job.case] = f"{name}: prediction failed ({one_line(e)})"
                 continue
             args = (out.logits.numpy(), item["data_properties"],
                     None if out.disagreement is None else out.disagreement.numpy(), job, options,
-                    predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json)
+                    predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json,
+                    None if out.mapped is None else out.mapped.numpy())
             if pool is None:
                 try:
                     export_case(*args)

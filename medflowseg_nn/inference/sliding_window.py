@@ -30,11 +30,16 @@ class CasePrediction:
     and folds (what nnU-Net's ``predict_logits_from_preprocessed_data`` returns; export applies the softmax).
     ``disagreement [*S]`` (float32) or ``None`` when not requested: the K samples' pairwise label disagreement
     (zeros for K = 1). ``votes [C, *S]`` (float32) or ``None`` when not requested: how many of the K samples
-    vote for each class (regions: contain each region), summed over folds for the (fold, sample) disagreement."""
+    vote for each class (regions: contain each region), summed over folds for the (fold, sample) disagreement.
+    ``mapped [C, *S]`` or ``None``: logits of the probabilities after the folds' top-label maps
+    (:mod:`medflowseg_nn.recalibration`), for the exported probabilities only — the segmentation comes from
+    ``logits``, whose argmax no calibration moves (a map is not linear, so nnU-Net's resampling of mapped logits
+    could move a boundary by a fraction of a voxel)."""
 
     logits: Tensor
     disagreement: Optional[Tensor] = None
     votes: Optional[Tensor] = None
+    mapped: Optional[Tensor] = None
 
 
 @dataclass(frozen=True)

@@ -154,15 +154,23 @@ def test_parts_are_disjoint_cover_the_folder_and_match_one_run(trained, tmp_path
     assert "-part_id must be in 0 .. 1" in capsys.readouterr().err
 
 
-def test_fold_temperature_softens_or_sharpens_probabilities_not_segmentations(trained, tmp_path):
+def test_fold_calibration_changes_probabilities_not_segmentations(trained, tmp_path):
     import json
-    temperature = json.loads((trained.model / "fold_0" / "temperature.json").read_text())["temperature"]
-    assert run(trained, trained.inputs, tmp_path / "t", "--save_probabilities") == 0
+    file = trained.model / "fold_0" / "temperature.json"
+    saved = json.loads(file.read_text())
+    temperature = saved["temperature"]
+    assert saved["top_label_map"]["confidence"]  # fitted at the end of training, with T
+    try:
+        file.write_text(json.dumps({k: v for k, v in saved.items() if k != "top_label_map"}))  # a file of T alone
+        assert run(trained, trained.inputs, tmp_path / "t", "--save_probabilities") == 0
+    finally:
+        file.write_text(json.dumps(saved))
+    assert run(trained, trained.inputs, tmp_path / "map", "--save_probabilities") == 0
     assert run(trained, trained.inputs, tmp_path / "off", "--save_probabilities", "--no_temperature") == 0
     case = trained.cases[0][: -len("_0000.nii.gz")]
-    scaled, plain = (np.load(tmp_path / d / f"{case}.npz")["probabilities"] for d in ("t", "off"))
-    seg_t, seg_off = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / d / f"{case}.nii.gz")))
-                      for d in ("t", "off"))
+    scaled, recalibrated, plain = (np.load(tmp_path / d / f"{case}.npz")["probabilities"] for d in ("t", "map", "off"))
+    seg_t, seg_map, seg_off = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / d / f"{case}.nii.gz")))
+                               for d in ("t", "map", "off"))
     # the argmax is the same up to near-ties: nnU-Net resamples float16 logits, ours are float32 after the division
     top2 = np.sort(plain, 0)[-2:]
     differ = seg_t != seg_off
@@ -172,3 +180,7 @@ def test_fold_temperature_softens_or_sharpens_probabilities_not_segmentations(tr
     expected /= expected.sum(0, keepdims=True)
     assert temperature != 1.0 and np.allclose(scaled, expected, atol=2e-2)
     assert not np.allclose(scaled, plain, atol=1e-3) or abs(temperature - 1) < 0.05
+    # with the map: the segmentation of T alone, the probabilities mapped before nnU-Net's resampling (a map is not
+    # linear: where the resampling interpolates they differ from the map of the resampled T-probabilities)
+    assert np.array_equal(seg_map, seg_t)
+    assert np.allclose(recalibrated.sum(0), 1, atol=1e-3) and not np.allclose(recalibrated, scaled, atol=1e-2)

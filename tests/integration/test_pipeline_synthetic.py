@@ -11,6 +11,7 @@ import torch
 
 from medflowseg_nn.cli import plan_and_preprocess, predict, train
 from medflowseg_nn.inference.predictor import MedFlowSegPredictor
+from medflowseg_nn.recalibration import TopLabelMap, apply_top_label_map
 from medflowseg_nn.synthetic import make_synthetic_dataset
 
 
@@ -53,13 +54,21 @@ def test_plan_train_predict(nnunet_env, tmp_path, shape, configuration):
     for name, kwargs in (("T", {}), ("off", {"use_temperature": False}), ("K2", {"num_samples": 2})):
         loaded[name] = MedFlowSegPredictor(device=torch.device("cpu"), allow_tqdm=False, **kwargs)
         loaded[name].initialize_from_trained_model_folder(str(model), (0,))
-    assert loaded["T"].fold_temperatures == [fitted["temperature"]]
-    assert loaded["off"].fold_temperatures == [None] and loaded["K2"].fold_temperatures == [None]
+    assert [c.temperature for c in loaded["T"].fold_calibrations] == [fitted["temperature"]]
+    assert loaded["T"].fold_calibrations[0].top_label_map.to_dict() == fitted["top_label_map"]
+    assert loaded["off"].fold_calibrations == [None] and loaded["K2"].fold_calibrations == [None]
     patch = plans["configurations"][configuration]["patch_size"]
     data = torch.randn(1, *([1] if len(patch) == 2 else []), *patch)  # nnU-Net's 2d cases are [C, 1, H, W]
-    scaled, plain = (loaded[k].predict_case(data).logits for k in ("T", "off"))
+    calibrated, plain = (loaded[k].predict_case(data, with_mapped=True) for k in ("T", "off"))
+    scaled, plain = calibrated.logits, plain.logits
     assert torch.equal(scaled.argmax(0), plain.argmax(0))  # division in float32 keeps every order and tie
     assert torch.equal(scaled, plain.float() / fitted["temperature"])
+    # the exported probabilities: T, then the top-label map (same argmax); none without a temperature file
+    expected = apply_top_label_map(torch.softmax(scaled, 0), TopLabelMap.from_dict(fitted["top_label_map"]))
+    torch.testing.assert_close(torch.softmax(calibrated.mapped, 0), expected)
+    assert torch.equal(calibrated.mapped.argmax(0), plain.argmax(0))
+    assert loaded["off"].predict_case(data, with_mapped=True).mapped is None
+    assert loaded["T"].predict_case(data).mapped is None  # only when asked for
 
     out = tmp_path / "pred"
     assert predict.main(["-i", str(raw / "imagesTs"), "-o", str(out), "-d", "990", "-c", configuration,

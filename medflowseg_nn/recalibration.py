@@ -1,0 +1,118 @@
+"""Top-label isotonic recalibration, applied after the temperature (Zadrozny & Elkan 2002, in the top-label form
+of Gupta & Ramdas 2022).
+
+A temperature corrects one global over- or under-confidence; what is left is the *shape* of the reliability curve
+(e.g. right at 0.99 but wrong too often at 0.8). The map here is a non-decreasing function ``a(c)`` of the top-label
+confidence ``c = max_k p_k``, fitted by isotonic regression of "the top label is right" on ``c`` over validation
+voxels. Applied to a voxel: the top class gets ``a(c)``, the other classes share ``1 − a(c)`` in the proportions
+they had, so the probabilities still sum to 1, and ``a`` is raised where needed so that the top class stays on
+top: the segmentation (the argmax) never changes. On the issue-#9 protocol (10 × 100 2d Hippocampus models,
+RESULTS 2026-12-06 09:10) this cut the ROI ECE after the temperature by a third to a half for every model, ours and
+nnU-Net's alike; AURC does not move (the map keeps the ranking of the voxels).
+
+Library: scikit-learn's ``IsotonicRegression`` (pool adjacent violators; a dependency of nnU-Net) fits the map.
+Applying it is linear interpolation between its knots, clipped at the ends — what
+``IsotonicRegression.predict(out_of_bounds="clip")`` computes — written in torch here so that the predictor applies
+it to its tensors (numpy arrays go through :func:`apply_top_label_map_np`). Imports no nnunetv2.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from medflowseg_nn.errors import UserError
+
+__all__ = ["TopLabelMap", "fit_top_label_map", "apply_top_label_map", "apply_top_label_map_np"]
+_MAX_VOXELS = 2_000_000  # the fit subsamples (seeded) beyond this many voxels
+_SHARE_FLOOR = 1e-6  # added to every other class's share: a voxel with c = 1 still spreads 1 − a(c)
+_MARGIN = 1e-6  # the top class stays this far above the runner-up
+
+
+@dataclass(frozen=True)
+class TopLabelMap:
+    """Knots of a non-decreasing map of the top-label confidence: ``confidence`` strictly increasing in [0, 1],
+    ``accuracy`` non-decreasing in [0, 1], the same length (≥ 1). Constant beyond the first and last knot."""
+
+    confidence: tuple[float, ...]
+    accuracy: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        c, a = np.asarray(self.confidence, float), np.asarray(self.accuracy, float)
+        if c.ndim != 1 or len(c) == 0 or c.shape != a.shape:
+            raise UserError(f"a top-label map needs as many confidence as accuracy knots (≥ 1), got {c.shape} "
+                            f"and {a.shape}")
+        if (np.diff(c) <= 0).any() or (np.diff(a) < 0).any() or c.min() < 0 or c.max() > 1 or a.min() < 0 \
+                or a.max() > 1:
+            raise UserError("a top-label map's confidence knots must increase and its accuracy knots must not "
+                            "decrease, both in [0, 1]")
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"confidence": list(self.confidence), "accuracy": list(self.accuracy)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TopLabelMap":
+        return cls(tuple(float(x) for x in d["confidence"]), tuple(float(x) for x in d["accuracy"]))
+
+    def __call__(self, confidence: Tensor) -> Tensor:
+        """``a(c)`` elementwise (any shape), float32: linear between the knots, clipped at the ends."""
+        xp = torch.tensor(self.confidence, dtype=torch.float32, device=confidence.device)
+        fp = torch.tensor(self.accuracy, dtype=torch.float32, device=confidence.device)
+        c = confidence.float()
+        if len(xp) == 1:
+            return fp.expand_as(c).clone()
+        hi = torch.searchsorted(xp, c.contiguous()).clamp(1, len(xp) - 1)
+        x0, x1, y0, y1 = xp[hi - 1], xp[hi], fp[hi - 1], fp[hi]
+        w = ((c - x0) / (x1 - x0)).clamp(0, 1)
+        return y0 + w * (y1 - y0)
+
+
+def fit_top_label_map(probabilities: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+                      masks: Optional[Sequence[np.ndarray]] = None, seed: int = 0) -> TopLabelMap:
+    """Isotonic regression of [argmax p = label] on max p over the selected voxels of all cases.
+
+    ``probabilities[i]`` [C, *S_i] (already temperature-scaled, if a temperature is used); ``labels[i]`` [*S_i]
+    integers; ``masks[i]`` [*S_i] bool (all voxels when ``None``). At most 2 million voxels enter the fit (a
+    seeded uniform subsample)."""
+    from sklearn.isotonic import IsotonicRegression
+    if not probabilities or len(probabilities) != len(labels) or (masks is not None and len(masks) != len(labels)):
+        raise UserError("fit_top_label_map needs as many probability arrays as label arrays (and masks), at least one")
+    conf, right = [], []
+    for i, (p, y) in enumerate(zip(probabilities, labels)):
+        if p.shape[1:] != y.shape:
+            raise UserError(f"case {i}: probabilities {p.shape} do not match labels {y.shape}")
+        m = np.ones(y.shape, bool) if masks is None else np.asarray(masks[i], bool)
+        conf.append(p.max(0)[m].astype(np.float64))
+        right.append((p.argmax(0) == y)[m].astype(np.float64))
+    c_all, r_all = np.concatenate(conf), np.concatenate(right)
+    if len(c_all) == 0:
+        raise UserError("fit_top_label_map: no voxel selected")
+    if len(c_all) > _MAX_VOXELS:
+        keep = np.random.default_rng(seed).choice(len(c_all), _MAX_VOXELS, replace=False)
+        c_all, r_all = c_all[keep], r_all[keep]
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(c_all, r_all)
+    return TopLabelMap(tuple(float(x) for x in iso.X_thresholds_), tuple(float(y) for y in iso.y_thresholds_))
+
+
+def apply_top_label_map(probabilities: Tensor, top_label_map: TopLabelMap, dim: int = 0) -> Tensor:
+    """``probabilities`` (summing to 1 over ``dim``, ≥ 2 classes) → recalibrated probabilities, float32, same
+    shape and argmax: the top class gets ``a(c)`` (raised, where needed, to stay above the runner-up), the others
+    share the rest in proportion to their probabilities (each plus a floor of 1e-6)."""
+    p = probabilities.float()
+    if p.shape[dim] < 2:
+        raise UserError(f"a top-label map needs at least 2 classes along dim {dim}, got {p.shape[dim]}")
+    top = p.argmax(dim, keepdim=True)  # the first of tied maxima, as numpy's and nnU-Net's argmax
+    conf = p.gather(dim, top)
+    others = (p + _SHARE_FLOOR).scatter(dim, top, 0.0)
+    share = others / others.sum(dim, keepdim=True)  # of the non-top mass, per other class
+    runner_up = share.amax(dim, keepdim=True)  # top ≥ runner-up ⟺ a ≥ r / (1 + r)
+    new_top = torch.maximum(top_label_map(conf), runner_up / (1 + runner_up) + _MARGIN).clamp(max=1.0)
+    return (share * (1 - new_top)).scatter(dim, top, new_top)
+
+
+def apply_top_label_map_np(probabilities: np.ndarray, top_label_map: TopLabelMap, axis: int = 0) -> np.ndarray:
+    """:func:`apply_top_label_map` for a numpy array ``[C, *S]`` (float32 result)."""
+    return apply_top_label_map(torch.from_numpy(np.asarray(probabilities)), top_label_map, axis).numpy()
