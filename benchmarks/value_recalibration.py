@@ -1,0 +1,139 @@
+"""Post-hoc recalibration on the issue-#9 protocol, for nnU-Net's models, its fold ensemble and ours in one run:
+the fold temperature T and the top-label isotonic map after it — what ``mfs_predict`` applies
+(:class:`medflowseg_nn.temperature.FoldCalibration`, fitted as ``fit_calibration_on_folder`` fits it).
+
+Every model of bench_value's cache (``value_models.train_all`` with bench_value's flags; missing ones are trained)
+predicts the validation cases of its fold and the held-out test cases once (TTA off, one step for ours); the
+probabilities are kept as float16 in ``WORK/value_probs/{model tag}/CASE.npz``. Per model: T fitted on its fold's
+validation cases (NLL in the reference ROI), the map on the tempered probabilities of the same voxels; the test
+cases scored raw, + T and + T + map (ROI = reference foreground dilated by ``--roi_dilation``). A fold ensemble
+(``--ensemble_folds`` / ``--ours_ensemble_folds``, first seed) averages its members' probabilities after each
+member's own recalibration, as ``mfs_predict`` averages folds. Prints a table, writes JSON.
+
+    python benchmarks/value_recalibration.py -c 2d --epochs 10 --iterations_per_epoch 100 --batch_size 32 \\
+        --ensemble_folds 0 1 2 --seeds 0 1 --work /work/bench_work [--ours_trainer MedFlowSegTrainer_noDice]
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+if __package__ in (None, ""):
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
+
+logger = logging.getLogger("benchmarks.value_recalibration")
+STAGES = ("raw", "+ T", "+ T + map")
+
+
+def model_probabilities(trainer, method: str, cases: Sequence[str], folder: Path, args, read_case) -> dict:
+    """``{case: (probabilities [C, *S] float32, reference [*S])}``, predicted once and cached in ``folder``."""
+    from bench_value import make_predictor, probabilities
+    folder.mkdir(parents=True, exist_ok=True)
+    predictor, out = None, {}
+    for case in cases:
+        path = folder / f"{case}.npz"
+        if not path.is_file():
+            data, props, ref = read_case(case)
+            predictor = predictor or make_predictor(trainer, method, args)
+            probs, _ = probabilities(predictor, data, props, args.threads)
+            np.savez_compressed(path, probabilities=probs.astype(np.float16), ref=ref.astype(np.int16))
+        saved = np.load(path)
+        out[case] = (saved["probabilities"].astype(np.float32), saved["ref"].astype(np.int64))
+    return out
+
+
+def fit(validation: dict, dilation: int):
+    """:class:`FoldCalibration` (T, then the map) fitted on the validation cases' ROI voxels."""
+    from medflowseg_nn.calibration import reference_roi
+    from medflowseg_nn.recalibration import fit_top_label_map
+    from medflowseg_nn.temperature import FoldCalibration, apply_temperature, fit_temperature
+    probs, refs = [p for p, _ in validation.values()], [r for _, r in validation.values()]
+    rois = [reference_roi(r, dilation) for r in refs]
+    temperature = fit_temperature(probs, refs, rois)
+    mapped = fit_top_label_map([apply_temperature(p, temperature) for p in probs], refs, rois)
+    return FoldCalibration(temperature, mapped)
+
+
+def stage_fn(calibration, stage: str) -> Callable[[np.ndarray], np.ndarray]:
+    from medflowseg_nn.temperature import FoldCalibration
+    if stage == "raw":
+        return lambda p: p
+    return FoldCalibration(calibration.temperature, None).probabilities if stage == "+ T" \
+        else calibration.probabilities
+
+
+def score(test: Sequence[str], probabilities: Callable[[str], tuple[np.ndarray, np.ndarray]], dilation: int) -> dict:
+    from medflowseg_nn.calibration import CalibrationAccumulator, reference_roi
+    acc = CalibrationAccumulator()
+    for case in test:
+        p, ref = probabilities(case)
+        acc.update(p, ref, reference_roi(ref, dilation))
+    d = acc.result().to_dict()
+    return {k: d[k] for k in ("ece", "aurc", "nll", "brier")}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from bench_value import build_parser
+    from value_models import ensemble_folds, members_apart, model_tag, prepare, train_all
+    parser = build_parser()
+    parser.description = "fold temperature and top-label map: nnU-Net's models, its fold ensemble and ours"
+    args = parser.parse_args(argv)
+    if members_apart(args):
+        parser.error("--ensemble_epochs is not supported here: the members are the cached fold models")
+    bench = prepare(args)
+    import SimpleITK as sitk
+    raw, ending = C.shared_data_dir() / bench.name, bench.dataset_json["file_ending"]
+    n_ch = len(bench.dataset_json["channel_names"])
+    pp = None
+
+    def read_case(case: str):
+        nonlocal pp
+        models_any = next(iter(models.values()))[0]
+        pp = pp or models_any.configuration_manager.preprocessor_class(verbose=False)
+        files = [str(raw / "imagesTr" / f"{case}_{i:04d}{ending}") for i in range(n_ch)]
+        data, _, props = pp.run_case(files, None, models_any.plans_manager, models_any.configuration_manager,
+                                     bench.dataset_json)
+        return data, props, sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTr" / f"{case}{ending}")))
+
+    models = train_all(args, bench.plans, bench.dataset_json)
+    calibrated, results = {}, {"args": {k: str(v) for k, v in vars(args).items()}, "machine": C.machine_info(),
+                                      "rows": []}
+    for key, (trainer, _) in models.items():
+        method, fold, seed = re.fullmatch(r"(nnunet|ours)_f(\d+)_s(\d+)", key).groups()
+        val = sorted(bench.splits[int(fold)]["val"])[: args.temperature_cases]
+        probs = model_probabilities(trainer, method, val + list(bench.test),
+                                    args.work / "value_probs" / model_tag(method, int(fold), int(seed), args),
+                                    args, read_case)
+        calibration = fit({c: probs[c] for c in val}, args.roi_dilation)
+        calibrated[key] = (probs, calibration)
+        for stage in STAGES:
+            f = stage_fn(calibration, stage)
+            row = {"model": key, "stage": stage, "T": calibration.temperature,
+                   **score(bench.test, lambda c: (f(probs[c][0]), probs[c][1]), args.roi_dilation)}
+            results["rows"].append(row)
+    for method in ("nnunet", "ours"):
+        members = [f"{method}_f{f}_s{args.seeds[0]}" for f in ensemble_folds(method, args)]
+        for stage in STAGES if members else ():
+            fns = {m: stage_fn(calibrated[m][1], stage) for m in members}
+
+            def averaged(case: str, fns=fns, members=members):
+                mean = np.mean([fns[m](calibrated[m][0][case][0]) for m in members], 0)
+                return mean, calibrated[members[0]][0][case][1]
+            results["rows"].append({"model": f"{method} ensemble {'+'.join(members)}", "stage": stage,
+                                    **score(bench.test, averaged, args.roi_dilation)})
+    table = [{**r, **{k: f"{r[k]:.4f}" for k in ("ece", "aurc", "nll", "brier")},
+              "T": f"{r['T']:.2f}" if "T" in r else ""} for r in results["rows"]]
+    print(C.markdown_table(table, ["model", "stage", "T", "ece", "aurc", "nll", "brier"]))
+    C.write_json(args.out_dir / f"value_recalibration_{args.budget_tag}.json", results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
