@@ -52,13 +52,9 @@ def model_probabilities(trainer, method: str, cases: Sequence[str], folder: Path
 def fit(validation: dict, dilation: int):
     """:class:`FoldCalibration` (T, then the map) fitted on the validation cases' ROI voxels."""
     from medflowseg_nn.calibration import reference_roi
-    from medflowseg_nn.recalibration import fit_top_label_map
-    from medflowseg_nn.temperature import FoldCalibration, apply_temperature, fit_temperature
-    probs, refs = [p for p, _ in validation.values()], [r for _, r in validation.values()]
-    rois = [reference_roi(r, dilation) for r in refs]
-    temperature = fit_temperature(probs, refs, rois)
-    mapped = fit_top_label_map([apply_temperature(p, temperature) for p in probs], refs, rois)
-    return FoldCalibration(temperature, mapped)
+    from medflowseg_nn.temperature import fit_calibration
+    refs = [r for _, r in validation.values()]
+    return fit_calibration([p for p, _ in validation.values()], refs, [reference_roi(r, dilation) for r in refs])
 
 
 def stage_fn(calibration, stage: str) -> Callable[[np.ndarray], np.ndarray]:

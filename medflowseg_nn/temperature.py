@@ -28,7 +28,7 @@ from scipy.optimize import minimize_scalar
 from medflowseg_nn.errors import UserError
 from medflowseg_nn.recalibration import TopLabelMap, apply_top_label_map, apply_top_label_map_np, fit_top_label_map
 
-__all__ = ["apply_temperature", "fit_temperature", "fit_calibration_on_folder", "fit_validation_temperature",
+__all__ = ["apply_temperature", "fit_temperature", "fit_calibration", "fit_calibration_on_folder", "fit_validation_temperature",
            "save_temperature", "load_calibration", "FoldCalibration", "TEMPERATURE_FILE",
            "T_BOUNDS"]
 logger = logging.getLogger(__name__)
@@ -115,6 +115,17 @@ def fit_temperature(probabilities: Sequence[np.ndarray], labels: Sequence[np.nda
     return temperature
 
 
+def fit_calibration(probabilities: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+                    masks: Optional[Sequence[np.ndarray]] = None, top_label_map: bool = True) -> FoldCalibration:
+    """:func:`fit_temperature`, then (``top_label_map``) the top-label map on the tempered probabilities of the same
+    voxels (arguments as :func:`fit_temperature`)."""
+    temperature = fit_temperature(probabilities, labels, masks)
+    if not top_label_map:
+        return FoldCalibration(temperature)
+    tempered = [apply_temperature(p, temperature) for p in probabilities]
+    return FoldCalibration(temperature, fit_top_label_map(tempered, labels, masks))
+
+
 def fit_calibration_on_folder(prob_dir: str, ref_dir: str, file_ending: str = ".nii.gz", roi_dilation: int = 3,
                               max_cases: Optional[int] = None, ignore_label: Optional[int] = None,
                               top_label_map: bool = True) -> tuple[FoldCalibration, dict]:
@@ -137,10 +148,7 @@ def fit_calibration_on_folder(prob_dir: str, ref_dir: str, file_ending: str = ".
         keep = np.ones(ref.shape, bool) if ignore_label is None else ref != ignore_label
         refs.append(np.where(keep, ref, 0))
         rois.append(reference_roi(refs[-1], roi_dilation) & keep)
-    temperature = fit_temperature(probs, refs, rois)
-    mapped = fit_top_label_map([apply_temperature(p, temperature) for p in probs], refs, rois) if top_label_map \
-        else None
-    return FoldCalibration(temperature, mapped), {
+    return fit_calibration(probs, refs, rois, top_label_map), {
         "cases": cases, "roi_dilation": roi_dilation, "objective": "NLL in the reference ROI",
         "top_label_map": "isotonic, after T, in the reference ROI" if top_label_map else None,
         "probabilities": os.path.abspath(prob_dir)}
