@@ -43,7 +43,9 @@ def model_probabilities(trainer, method: str, cases: Sequence[str], folder: Path
             data, props, ref = read_case(case)
             predictor = predictor or make_predictor(trainer, method, args)
             probs, _ = probabilities(predictor, data, props, args.threads)
-            np.savez_compressed(path, probabilities=probs.astype(np.float16), ref=ref.astype(np.int16))
+            tmp = folder / f"{case}.tmp.npz"  # renamed when complete: a killed run leaves no truncated file
+            np.savez_compressed(tmp, probabilities=probs.astype(np.float16), ref=ref.astype(np.int16))
+            os.replace(tmp, path)
         saved = np.load(path)
         out[case] = (saved["probabilities"].astype(np.float32), saved["ref"].astype(np.int64))
     return out
