@@ -26,8 +26,8 @@ from torch import Tensor
 
 from medflowseg_nn.errors import UserError
 
-__all__ = ["TopLabelMap", "fit_top_label_map", "apply_top_label_map", "apply_top_label_map_np"]
-_MAX_VOXELS = 2_000_000  # the fit subsamples (seeded) beyond this many voxels
+__all__ = ["TopLabelMap", "fit_top_label_map", "apply_top_label_map", "apply_top_label_map_np", "voxel_rows"]
+_MAX_VOXELS = 2_000_000  # the fits subsample (seeded) beyond this many voxels: the temperature moves < 1e-3
 _SHARE_FLOOR = 1e-6  # added to every other class's share: a voxel with c = 1 still spreads 1 − a(c)
 _MARGIN = 1e-6  # the top class stays this far above the runner-up
 
@@ -70,6 +70,28 @@ class TopLabelMap:
         return y0 + w * (y1 - y0)
 
 
+def voxel_rows(probabilities: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+               masks: Optional[Sequence[np.ndarray]], seed: int, fit: str) -> tuple[np.ndarray, np.ndarray]:
+    """The selected voxels of all cases as rows: probabilities ``[N, C]`` and labels ``[N]`` int64, at most 2 million
+    (a seeded uniform subsample). Arguments as :func:`fit_top_label_map`; ``fit`` names the caller in errors."""
+    if not probabilities or len(probabilities) != len(labels) or (masks is not None and len(masks) != len(labels)):
+        raise UserError(f"{fit} needs as many probability arrays as label arrays (and masks), at least one")
+    rows, ys = [], []
+    for i, (p, y) in enumerate(zip(probabilities, labels)):
+        if p.shape[1:] != y.shape:
+            raise UserError(f"case {i}: probabilities {p.shape} do not match labels {y.shape}")
+        m = np.ones(y.shape, bool) if masks is None else np.asarray(masks[i], bool)
+        rows.append(np.moveaxis(p, 0, -1)[m])
+        ys.append(np.asarray(y)[m].astype(np.int64))
+    p_all, y_all = np.concatenate(rows), np.concatenate(ys)
+    if len(y_all) == 0:
+        raise UserError(f"{fit}: no voxel selected")
+    if len(y_all) > _MAX_VOXELS:
+        keep = np.random.default_rng(seed).choice(len(y_all), _MAX_VOXELS, replace=False)
+        p_all, y_all = p_all[keep], y_all[keep]
+    return p_all, y_all
+
+
 def fit_top_label_map(probabilities: Sequence[np.ndarray], labels: Sequence[np.ndarray],
                       masks: Optional[Sequence[np.ndarray]] = None, seed: int = 0) -> TopLabelMap:
     """Isotonic regression of [argmax p = label] on max p over the selected voxels of all cases.
@@ -78,22 +100,10 @@ def fit_top_label_map(probabilities: Sequence[np.ndarray], labels: Sequence[np.n
     integers; ``masks[i]`` [*S_i] bool (all voxels when ``None``). At most 2 million voxels enter the fit (a
     seeded uniform subsample)."""
     from sklearn.isotonic import IsotonicRegression
-    if not probabilities or len(probabilities) != len(labels) or (masks is not None and len(masks) != len(labels)):
-        raise UserError("fit_top_label_map needs as many probability arrays as label arrays (and masks), at least one")
-    conf, right = [], []
-    for i, (p, y) in enumerate(zip(probabilities, labels)):
-        if p.shape[1:] != y.shape:
-            raise UserError(f"case {i}: probabilities {p.shape} do not match labels {y.shape}")
-        m = np.ones(y.shape, bool) if masks is None else np.asarray(masks[i], bool)
-        conf.append(p.max(0)[m].astype(np.float64))
-        right.append((p.argmax(0) == y)[m].astype(np.float64))
-    c_all, r_all = np.concatenate(conf), np.concatenate(right)
-    if len(c_all) == 0:
-        raise UserError("fit_top_label_map: no voxel selected")
-    if len(c_all) > _MAX_VOXELS:
-        keep = np.random.default_rng(seed).choice(len(c_all), _MAX_VOXELS, replace=False)
-        c_all, r_all = c_all[keep], r_all[keep]
-    iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(c_all, r_all)
+    rows, y = voxel_rows(probabilities, labels, masks, seed, "fit_top_label_map")
+    right = (rows.argmax(1) == y).astype(np.float64)
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(
+        rows.max(1).astype(np.float64), right)
     return TopLabelMap(tuple(float(x) for x in iso.X_thresholds_), tuple(float(y) for y in iso.y_thresholds_))
 
 

@@ -26,16 +26,16 @@ import torch
 from scipy.optimize import minimize_scalar
 
 from medflowseg_nn.errors import UserError
-from medflowseg_nn.recalibration import TopLabelMap, apply_top_label_map, apply_top_label_map_np, fit_top_label_map
+from medflowseg_nn.recalibration import (TopLabelMap, apply_top_label_map, apply_top_label_map_np, fit_top_label_map,
+                                         voxel_rows)
 
-__all__ = ["apply_temperature", "fit_temperature", "fit_calibration", "fit_calibration_on_folder", "fit_validation_temperature",
-           "save_temperature", "load_calibration", "FoldCalibration", "TEMPERATURE_FILE",
+__all__ = ["apply_temperature", "fit_temperature", "fit_calibration", "fit_calibration_on_folder",
+           "fit_validation_temperature", "save_temperature", "load_calibration", "FoldCalibration", "TEMPERATURE_FILE",
            "T_BOUNDS"]
 logger = logging.getLogger(__name__)
 TEMPERATURE_FILE = "temperature.json"
 T_BOUNDS = (0.05, 20.0)
 _EPS = 1e-12
-_MAX_VOXELS = 2_000_000  # the fit subsamples (seeded) beyond this many voxels: the optimum moves < 1e-3
 
 
 def _log(p: np.ndarray) -> np.ndarray:
@@ -91,21 +91,7 @@ def fit_temperature(probabilities: Sequence[np.ndarray], labels: Sequence[np.nda
 
     ``probabilities[i]`` [C, *S_i]; ``labels[i]`` [*S_i] integers in 0..C-1; ``masks[i]`` [*S_i] bool (all voxels
     when ``None``). At most 2 million voxels enter the fit (a seeded uniform subsample)."""
-    if not probabilities or len(probabilities) != len(labels) or (masks is not None and len(masks) != len(labels)):
-        raise UserError("fit_temperature needs as many probability arrays as label arrays (and masks), at least one")
-    rows, ys = [], []
-    for i, (p, y) in enumerate(zip(probabilities, labels)):
-        if p.shape[1:] != y.shape:
-            raise UserError(f"case {i}: probabilities {p.shape} do not match labels {y.shape}")
-        m = np.ones(y.shape, bool) if masks is None else np.asarray(masks[i], bool)
-        rows.append(np.moveaxis(p, 0, -1)[m])
-        ys.append(np.asarray(y)[m].astype(np.int64))
-    p_all, y_all = np.concatenate(rows), np.concatenate(ys)
-    if len(y_all) == 0:
-        raise UserError("fit_temperature: no voxel selected")
-    if len(y_all) > _MAX_VOXELS:
-        keep = np.random.default_rng(seed).choice(len(y_all), _MAX_VOXELS, replace=False)
-        p_all, y_all = p_all[keep], y_all[keep]
+    p_all, y_all = voxel_rows(probabilities, labels, masks, seed, "fit_temperature")
     log_p = _log(p_all.astype(np.float64))
     res = minimize_scalar(lambda s: _nll(log_p, y_all, float(np.exp(s))), bounds=np.log(T_BOUNDS),
                           method="bounded", options={"xatol": 1e-4})
