@@ -134,6 +134,14 @@ def ensemble_folds(method: str, args: argparse.Namespace) -> list[int]:
     return list(folds) if len(folds) > 1 else []
 
 
+def member_args(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with the fold-ensemble members' budget: ``--ensemble_epochs`` (default ``--epochs``) and its tag."""
+    members = copy.copy(args)
+    members.epochs = args.ensemble_epochs or args.epochs
+    members.budget_tag = budget_tag(members)
+    return members
+
+
 def member_key(method: str, fold: int, args: argparse.Namespace) -> str:
     """Model (and run) key of the fold-ensemble member of ``fold`` (first seed). Fold 0's member is the fold-0
     single model of the first seed, ``{method}_f0_s{seed}``, unless ``members_apart``: then every member is its
@@ -146,9 +154,7 @@ def train_all(args: argparse.Namespace, plans: dict, dataset_json: dict) -> dict
     ``{method}_f0_s{seed}`` for each of ``--seeds``, and the fold-ensemble members (first seed) of
     ``--ensemble_folds`` / ``--ours_ensemble_folds`` under ``member_key`` — at ``--ensemble_epochs`` when given, so
     that one model trained for the ensemble's total iterations can be set beside the ensemble."""
-    members = copy.copy(args)
-    members.epochs = args.ensemble_epochs or args.epochs
-    members.budget_tag = budget_tag(members)
+    members = member_args(args)
     models: dict[str, tuple[Any, float]] = {}
     for method in ("nnunet", "ours"):
         for seed in args.seeds:

@@ -7,8 +7,9 @@ predicts the validation cases of its fold and the held-out test cases once (TTA 
 probabilities are kept as float16 in ``WORK/value_probs/{model tag}/CASE.npz``. Per model: T fitted on its fold's
 validation cases (NLL in the reference ROI), the map on the tempered probabilities of the same voxels; the test
 cases scored raw, + T and + T + map (ROI = reference foreground dilated by ``--roi_dilation``). A fold ensemble
-(``--ensemble_folds`` / ``--ours_ensemble_folds``, first seed) averages its members' probabilities after each
-member's own recalibration, as ``mfs_predict`` averages folds. Prints a table, writes JSON.
+(``--ensemble_folds`` / ``--ours_ensemble_folds``, first seed, at ``--ensemble_epochs`` when given) averages its
+members' probabilities after each member's own recalibration, as ``mfs_predict`` averages folds. Prints a table,
+writes JSON.
 
     python benchmarks/value_recalibration.py -c 2d --epochs 10 --iterations_per_epoch 100 --batch_size 32 \\
         --ensemble_folds 0 1 2 --seeds 0 1 --work /work/bench_work [--ours_trainer MedFlowSegTrainer_noDice]
@@ -79,13 +80,12 @@ def score(test: Sequence[str], probabilities: Callable[[str], tuple[np.ndarray, 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from bench_value import build_parser
-    from value_models import ensemble_folds, members_apart, model_tag, prepare, train_all
+    from value_models import ensemble_folds, member_args, member_key, model_tag, prepare, train_all
     parser = build_parser()
     parser.description = "fold temperature and top-label map: nnU-Net's models, its fold ensemble and ours"
     args = parser.parse_args(argv)
-    if members_apart(args):
-        parser.error("--ensemble_epochs is not supported here: the members are the cached fold models")
     bench = prepare(args)
+    members = member_args(args)
     import SimpleITK as sitk
     raw, ending = C.shared_data_dir() / bench.name, bench.dataset_json["file_ending"]
     n_ch = len(bench.dataset_json["channel_names"])
@@ -104,11 +104,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     calibrated, results = {}, {"args": {k: str(v) for k, v in vars(args).items()}, "machine": C.machine_info(),
                                       "rows": []}
     for key, (trainer, _) in models.items():
-        method, fold, seed = re.fullmatch(r"(nnunet|ours)_f(\d+)_s(\d+)", key).groups()
+        method, apart, fold, seed = re.fullmatch(r"(nnunet|ours)(_members)?_f(\d+)_s(\d+)", key).groups()
         val = sorted(bench.splits[int(fold)]["val"])[: args.temperature_cases]
-        probs = model_probabilities(trainer, method, val + list(bench.test),
-                                    args.work / "value_probs" / model_tag(method, int(fold), int(seed), args),
-                                    args, read_case)
+        tag = model_tag(method, int(fold), int(seed), members if apart else args)
+        probs = model_probabilities(trainer, method, val + list(bench.test), args.work / "value_probs" / tag, args,
+                                    read_case)
         calibration = fit({c: probs[c] for c in val}, args.roi_dilation)
         calibrated[key] = (probs, calibration)
         for stage in STAGES:
@@ -117,14 +117,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    **score(bench.test, lambda c: (f(probs[c][0]), probs[c][1]), args.roi_dilation)}
             results["rows"].append(row)
     for method in ("nnunet", "ours"):
-        members = [f"{method}_f{f}_s{args.seeds[0]}" for f in ensemble_folds(method, args)]
-        for stage in STAGES if members else ():
-            fns = {m: stage_fn(calibrated[m][1], stage) for m in members}
+        keys = [member_key(method, f, args) for f in ensemble_folds(method, args)]
+        for stage in STAGES if keys else ():
+            fns = {m: stage_fn(calibrated[m][1], stage) for m in keys}
 
-            def averaged(case: str, fns=fns, members=members):
-                mean = np.mean([fns[m](calibrated[m][0][case][0]) for m in members], 0)
-                return mean, calibrated[members[0]][0][case][1]
-            results["rows"].append({"model": f"{method} ensemble {'+'.join(members)}", "stage": stage,
+            def averaged(case: str, fns=fns, keys=keys):
+                mean = np.mean([fns[m](calibrated[m][0][case][0]) for m in keys], 0)
+                return mean, calibrated[keys[0]][0][case][1]
+            results["rows"].append({"model": f"{method} ensemble {'+'.join(keys)}", "stage": stage,
                                     **score(bench.test, averaged, args.roi_dilation)})
     table = [{**r, **{k: f"{r[k]:.4f}" for k in ("ece", "aurc", "nll", "brier")},
               "T": f"{r['T']:.2f}" if "T" in r else ""} for r in results["rows"]]
