@@ -56,15 +56,33 @@ def case_arrays(logits: ArrayLike, properties: dict, plans_manager, configuratio
         return_probabilities=need_probs and mapped is None)
     seg, probs = ret if need_probs and mapped is None else (ret, None)
     if need_probs and mapped is not None:
-        probs = convert_predicted_logits_to_segmentation_with_correct_shape(
+        probs = top_class_as(seg, convert_predicted_logits_to_segmentation_with_correct_shape(
             to_numpy(mapped), plans_manager, configuration_manager, label_manager, properties,
-            return_probabilities=True)[1]
+            return_probabilities=True)[1])
     dis = None if disagreement is None else revert_to_original_geometry(disagreement, properties, plans_manager,
                                                                         configuration_manager, (0, 1))
     entropy = None
     if with_entropy:
         entropy = region_entropy(probs) if label_manager.has_regions else predictive_entropy(probs)
     return CaseArrays(seg, probs if with_probabilities else None, entropy, dis)
+
+
+def top_class_as(segmentation: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """``probabilities [C, *S]`` whose argmax is ``segmentation [*S]`` (class indices): where another class is on
+    top, its probability and the segmentation class's trade places. The mapped probabilities keep the argmax
+    voxel by voxel, but nnU-Net's resampling interpolates them (not linear in the logits) and can tip a
+    boundary voxel's near-tie the other way; nnU-Net's own exports (and ensembles of ``.npz`` files) rely on the
+    ``.npz`` argmax being the segmentation."""
+    top = probabilities.argmax(0)
+    seg = segmentation.astype(np.int64)
+    if np.array_equal(top, seg):
+        return probabilities
+    out = np.array(probabilities, copy=True)
+    p_top = np.take_along_axis(probabilities, top[None], 0)
+    p_seg = np.take_along_axis(probabilities, seg[None], 0)
+    np.put_along_axis(out, seg[None], p_top, 0)
+    np.put_along_axis(out, top[None], p_seg, 0)
+    return out
 
 
 def remove_empty_partial_dirs(folders) -> None:

@@ -34,7 +34,7 @@ class CasePrediction:
     ``mapped [C, *S]`` or ``None``: logits of the probabilities after the folds' top-label maps
     (:mod:`medflowseg_nn.recalibration`), for the exported probabilities only — the segmentation comes from
     ``logits``, whose argmax no calibration moves (a map is not linear, so nnU-Net's resampling of mapped logits
-    could move a boundary by a fraction of a voxel)."""
+    could move a boundary by a fraction of a voxel; :func:`~medflowseg_nn.inference.export.top_class_as`)."""
 
     logits: Tensor
     disagreement: Optional[Tensor] = None

@@ -182,5 +182,5 @@ def test_fold_calibration_changes_probabilities_not_segmentations(trained, tmp_p
     assert not np.allclose(scaled, plain, atol=1e-3) or abs(temperature - 1) < 0.05
     # with the map: the segmentation of T alone, the probabilities mapped before nnU-Net's resampling (a map is not
     # linear: where the resampling interpolates they differ from the map of the resampled T-probabilities)
-    assert np.array_equal(seg_map, seg_t)
+    assert np.array_equal(seg_map, seg_t) and np.array_equal(recalibrated.argmax(0), seg_map)
     assert np.allclose(recalibrated.sum(0), 1, atol=1e-3) and not np.allclose(recalibrated, scaled, atol=1e-2)

@@ -17,7 +17,7 @@ from nnunetv2.inference.export_prediction import convert_predicted_logits_to_seg
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from scipy.ndimage import gaussian_filter
 
-from medflowseg_nn.inference.export import revert_to_original_geometry, write_map
+from medflowseg_nn.inference.export import revert_to_original_geometry, top_class_as, write_map
 
 GEOMETRY = {2: dict(spacing=(0.7, 1.3), origin=(5.0, -2.0), direction=(0.0, 1.0, 1.0, 0.0)),
             3: dict(spacing=(0.9, 1.0, 1.2), origin=(10.0, -5.0, 3.0), direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1))}
@@ -125,3 +125,19 @@ def test_revert_matches_what_nnunet_does_to_probabilities(name):
     assert np.all(reverted[~inside] == 0) and 0 <= reverted.min() and reverted.max() <= 1
     agree = (reverted > 0.5) == (seg == 1)
     assert agree.mean() > 0.999 and (seg == 1).any() and (seg == 0)[inside].any()
+
+
+@pytest.mark.parametrize("spatial", [(5, 6), (3, 4, 5)])
+def test_top_class_as_the_segmentation_trades_only_the_disagreeing_voxels(spatial):
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), size=spatial).astype(np.float32)
+    probs = np.moveaxis(probs, -1, 0)
+    seg = probs.argmax(0)
+    assert top_class_as(seg, probs) is probs  # nothing to trade
+    other = (seg + 1) % 3
+    flip = rng.random(spatial) < 0.3
+    target = np.where(flip, other, seg)
+    traded = top_class_as(target, probs)
+    assert np.array_equal(traded.argmax(0), target)
+    assert np.array_equal(traded[:, ~flip], probs[:, ~flip])
+    np.testing.assert_allclose(np.sort(traded, 0), np.sort(probs, 0))  # the same values per voxel, other places
