@@ -11,7 +11,8 @@ With ``--probabilities DIR`` (the ``CASE.npz`` files of ``mfs_predict --save_pro
 predictor, one per segmentation in ``-pred``) it also prints a calibration table (ECE, Brier, NLL, AURC over all
 voxels and over the reference foreground dilated by ``--roi_dilation`` voxels; Spearman between each case's mean
 predictive entropy and 1 - its mean foreground Dice from ``-pred``) and stores it in the summary JSON under
-``"calibration"``; see :mod:`medflowseg_nn.calibration_folder`. Without it, output is unchanged.
+``"calibration"``; see :mod:`medflowseg_nn.calibration_folder`. It also draws the reliability diagram next to the
+summary (``summary_mfs_reliability.png``; :mod:`medflowseg_nn.reliability_plot`). Without it, output is unchanged.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from medflowseg_nn.calibration_folder import (case_foreground_dice, evaluate_pro
                                               format_calibration_table)
 from medflowseg_nn.errors import UserError
 from medflowseg_nn.evaluation import LabelOrRegion, evaluate_folder
+from medflowseg_nn.reliability_plot import save_reliability_diagram
 
 
 def _parse_region(text: str) -> tuple[int, ...]:
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
             with open(output, "w") as f:
                 json.dump(result, f, indent=2, sort_keys=True, allow_nan=False)
+            diagram = save_reliability_diagram(calibration["dataset"], os.path.splitext(output)[0] +
+                                               "_reliability.png", title=os.path.abspath(args.probabilities))
     except (FileNotFoundError, ValueError, UserError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
@@ -122,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ncalibration of {args.probabilities} (top-label, {calibration['settings']['n_bins']} bins; roi = "
               f"reference foreground dilated by {args.roi_dilation} voxels, cube)")
         print(format_calibration_table(calibration))
+        print(f"reliability diagram written to {diagram}")
     print(f"summary written to {output}")
     return 0
 

@@ -148,6 +148,10 @@ def test_cli_probabilities_adds_calibration(folders, tmp_path, capsys):
     assert c["per_case"]["case_1"]["dice_fg"] == pytest.approx(fg)
     printed = capsys.readouterr().out
     assert "fg mean" in printed and "ECE" in printed and "AURC" in printed and "Spearman" in printed
+    diagram = tmp_path / "summary_reliability.png"  # drawn next to the summary
+    assert f"reliability diagram written to {diagram}" in printed
+    import matplotlib.image
+    assert matplotlib.image.imread(str(diagram)).shape[:2] == (560, 840)  # two voxel sets side by side
 
 
 def test_cli_without_probabilities_prints_no_calibration(folders, capsys):
@@ -155,6 +159,7 @@ def test_cli_without_probabilities_prints_no_calibration(folders, capsys):
     assert main(["-ref", str(ref_dir), "-pred", str(pred_dir)]) == 0
     assert "ECE" not in capsys.readouterr().out
     assert "calibration" not in json.loads((pred_dir / "summary_mfs.json").read_text())
+    assert not (pred_dir / "summary_mfs_reliability.png").exists()
 
 
 @pytest.mark.parametrize("problem", ["missing", "no_key", "shape"])
