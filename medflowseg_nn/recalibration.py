@@ -26,7 +26,8 @@ from torch import Tensor
 
 from medflowseg_nn.errors import UserError
 
-__all__ = ["TopLabelMap", "fit_top_label_map", "apply_top_label_map", "apply_top_label_map_np", "voxel_rows"]
+__all__ = ["TopLabelMap", "fit_top_label_map", "top_label_map_of_rows", "apply_top_label_map",
+           "apply_top_label_map_np", "voxel_rows"]
 _MAX_VOXELS = 2_000_000  # the fits subsample (seeded) beyond this many voxels: the temperature moves < 1e-3
 _SHARE_FLOOR = 1e-6  # added to every other class's share: a voxel with c = 1 still spreads 1 − a(c)
 _MARGIN = 1e-6  # the top class stays this far above the runner-up
@@ -99,8 +100,12 @@ def fit_top_label_map(probabilities: Sequence[np.ndarray], labels: Sequence[np.n
     ``probabilities[i]`` [C, *S_i] (already temperature-scaled, if a temperature is used); ``labels[i]`` [*S_i]
     integers; ``masks[i]`` [*S_i] bool (all voxels when ``None``). At most 2 million voxels enter the fit (a
     seeded uniform subsample)."""
+    return top_label_map_of_rows(*voxel_rows(probabilities, labels, masks, seed, "fit_top_label_map"))
+
+
+def top_label_map_of_rows(rows: np.ndarray, y: np.ndarray) -> TopLabelMap:
+    """:func:`fit_top_label_map` on voxels already selected (:func:`voxel_rows`): ``rows [N, C]``, ``y [N]``."""
     from sklearn.isotonic import IsotonicRegression
-    rows, y = voxel_rows(probabilities, labels, masks, seed, "fit_top_label_map")
     right = (rows.argmax(1) == y).astype(np.float64)
     iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(
         rows.max(1).astype(np.float64), right)

@@ -26,12 +26,12 @@ import torch
 from scipy.optimize import minimize_scalar
 
 from medflowseg_nn.errors import UserError
-from medflowseg_nn.recalibration import (TopLabelMap, apply_top_label_map, apply_top_label_map_np, fit_top_label_map,
-                                         voxel_rows)
+from medflowseg_nn.recalibration import (TopLabelMap, apply_top_label_map, apply_top_label_map_np,
+                                         top_label_map_of_rows, voxel_rows)
 
-__all__ = ["apply_temperature", "fit_temperature", "fit_calibration", "fit_calibration_on_folder",
-           "fit_validation_temperature", "save_temperature", "load_calibration", "FoldCalibration", "TEMPERATURE_FILE",
-           "T_BOUNDS"]
+__all__ = ["apply_temperature", "fit_temperature", "temperature_of_rows", "fit_calibration",
+           "fit_calibration_on_folder", "fit_validation_temperature", "save_temperature", "load_calibration",
+           "FoldCalibration", "TEMPERATURE_FILE", "T_BOUNDS"]
 logger = logging.getLogger(__name__)
 TEMPERATURE_FILE = "temperature.json"
 T_BOUNDS = (0.05, 20.0)
@@ -91,7 +91,11 @@ def fit_temperature(probabilities: Sequence[np.ndarray], labels: Sequence[np.nda
 
     ``probabilities[i]`` [C, *S_i]; ``labels[i]`` [*S_i] integers in 0..C-1; ``masks[i]`` [*S_i] bool (all voxels
     when ``None``). At most 2 million voxels enter the fit (a seeded uniform subsample)."""
-    p_all, y_all = voxel_rows(probabilities, labels, masks, seed, "fit_temperature")
+    return temperature_of_rows(*voxel_rows(probabilities, labels, masks, seed, "fit_temperature"))
+
+
+def temperature_of_rows(p_all: np.ndarray, y_all: np.ndarray) -> float:
+    """:func:`fit_temperature` on voxels already selected (:func:`voxel_rows`): ``p_all [N, C]``, ``y_all [N]``."""
     log_p = _log(p_all.astype(np.float64))
     res = minimize_scalar(lambda s: _nll(log_p, y_all, float(np.exp(s))), bounds=np.log(T_BOUNDS),
                           method="bounded", options={"xatol": 1e-4})
@@ -104,12 +108,11 @@ def fit_temperature(probabilities: Sequence[np.ndarray], labels: Sequence[np.nda
 def fit_calibration(probabilities: Sequence[np.ndarray], labels: Sequence[np.ndarray],
                     masks: Optional[Sequence[np.ndarray]] = None, top_label_map: bool = True) -> FoldCalibration:
     """:func:`fit_temperature`, then (``top_label_map``) the top-label map on the tempered probabilities of the same
-    voxels (arguments as :func:`fit_temperature`)."""
-    temperature = fit_temperature(probabilities, labels, masks)
-    if not top_label_map:
-        return FoldCalibration(temperature)
-    tempered = [apply_temperature(p, temperature) for p in probabilities]
-    return FoldCalibration(temperature, fit_top_label_map(tempered, labels, masks))
+    voxels (arguments as :func:`fit_temperature`): the voxels are selected once, and only they are tempered."""
+    rows, y = voxel_rows(probabilities, labels, masks, 0, "fit_calibration")
+    temperature = temperature_of_rows(rows, y)
+    mapped = top_label_map_of_rows(apply_temperature(rows, temperature, axis=1), y) if top_label_map else None
+    return FoldCalibration(temperature, mapped)
 
 
 def fit_calibration_on_folder(prob_dir: str, ref_dir: str, file_ending: str = ".nii.gz", roi_dilation: int = 3,
