@@ -173,18 +173,20 @@ class MedFlowSegPredictor(nnUNetPredictor):
         torch.set_num_threads(min(default_num_processes, n_threads))
         folds = len(self.list_of_parameters)
         with_votes = with_disagreement and folds > 1
+        calibrations = [self.fold_calibrations[i] if i < len(self.fold_calibrations) else None for i in range(folds)]
+        # mapped logits only where every fold has its map (else the export uses T alone)
+        with_mapped = with_mapped and all(c is not None and c.top_label_map is not None for c in calibrations)
         try:
-            logits, disagreement, votes, mapped, every_fold_mapped = None, None, None, None, True
-            for i, params in enumerate(self.list_of_parameters):
+            logits, disagreement, votes, mapped = None, None, None, None
+            for params, calibration in zip(self.list_of_parameters, calibrations):
                 self.load_parameters(params)
                 one = self._predict_one_model(data, with_disagreement, with_votes)
                 fold_logits = one.logits.to("cpu")
-                calibration = self.fold_calibrations[i] if i < len(self.fold_calibrations) else None
                 if calibration is not None:
                     fold_logits = calibration.scaled(fold_logits)
-                fold_mapped = calibration.mapped(fold_logits) if calibration is not None and with_mapped else None
-                every_fold_mapped = every_fold_mapped and fold_mapped is not None  # else the export uses T alone
-                mapped = None if not every_fold_mapped else fold_mapped if mapped is None else mapped + fold_mapped
+                if with_mapped:
+                    fold_mapped = calibration.mapped(fold_logits)
+                    mapped = fold_mapped if mapped is None else mapped + fold_mapped
                 logits = fold_logits if logits is None else logits + fold_logits
                 disagreement = one.disagreement
                 if with_votes:
