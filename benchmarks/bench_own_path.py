@@ -31,7 +31,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_value as BV  # noqa: E402
 import common as C  # noqa: E402
-from value_models import prepare, train_or_load  # noqa: E402
+from value_models import prepare, read_case, train_or_load  # noqa: E402
 from value_report import RunScores  # noqa: E402
 
 logger = logging.getLogger("benchmarks.own_path")
@@ -86,22 +86,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help=f"any of {list(VARIANTS)}")
     args = p.parse_args(argv)
     bench = prepare(args)
-    import SimpleITK as sitk
     import medflowseg_nn.inference.sampler as sampler
     name, plans, dataset_json, test = bench.name, bench.plans, bench.dataset_json, bench.test
-    raw, ending, n_ch = C.shared_data_dir() / name, dataset_json["file_ending"], len(dataset_json["channel_names"])
     plain_integrate, rows, per_run = sampler.integrate, [], {}
     for seed in args.seeds:
         trainer, _ = train_or_load("ours", 0, seed, args, plans, dataset_json)
-        pm, cm = trainer.plans_manager, trainer.configuration_manager
-        pp = cm.preprocessor_class(verbose=False)
-        cases = {}
-        for case in test:
-            files = [str(raw / "imagesTr" / f"{case}_{i:04d}{ending}") for i in range(n_ch)]
-            data, _, props = pp.run_case(files, None, pm, cm, dataset_json)
-            img = sitk.ReadImage(str(raw / "labelsTr" / f"{case}{ending}"))
-            cases[case] = (data, props, sitk.GetArrayFromImage(img).astype(np.int64),
-                           np.asarray(img.GetSpacing())[::-1])
+        cases = {case: read_case(bench, trainer, case)[:4] for case in test}
         for vname in args.variants:
             variant = VARIANTS[vname]
             sampler.integrate = make_integrate(variant, plain_integrate)

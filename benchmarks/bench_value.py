@@ -42,7 +42,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 from value_ensemble import fold_ensemble  # noqa: E402
-from value_models import ensemble_folds, member_key, members_apart, prepare, train_all  # noqa: E402
+from value_models import ensemble_folds, member_key, members_apart, prepare, read_case, train_all  # noqa: E402
 from value_report import RunScores, tables  # noqa: E402
 
 logger = logging.getLogger("benchmarks.value")
@@ -172,7 +172,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     t_start = time.perf_counter()
     bench = prepare(args)
-    import SimpleITK as sitk
     from medflowseg_nn.temperature import apply_temperature
     name, plans, dataset_json, test, splits = bench.name, bench.plans, bench.dataset_json, bench.test, bench.splits
     info = C.machine_info()
@@ -181,17 +180,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     train_done = time.perf_counter()
 
     any_trainer = models[f"ours_f0_s{s0}"][0]
-    pm, cm = any_trainer.plans_manager, any_trainer.configuration_manager
-    pp = cm.preprocessor_class(verbose=False)
-    raw, ending, n_ch = C.shared_data_dir() / name, dataset_json["file_ending"], len(dataset_json["channel_names"])
     labels = list(any_trainer.label_manager.foreground_labels)
 
     @functools.lru_cache(maxsize=None)  # every run's + T fit reads its fold's validation cases: preprocess once
     def inputs(case: str):
-        files = [str(raw / "imagesTr" / f"{case}_{i:04d}{ending}") for i in range(n_ch)]
-        data, _, props = pp.run_case(files, None, pm, cm, dataset_json)
-        img = sitk.ReadImage(str(raw / "labelsTr" / f"{case}{ending}"))  # as evaluation._read: (z, y, x)
-        return data, props, sitk.GetArrayFromImage(img).astype(np.int64), np.asarray(img.GetSpacing())[::-1], img
+        return read_case(bench, any_trainer, case)
 
     sel_cases = sorted(splits[0]["val"])[: args.select_cases]
     args.selection = {"cases": sel_cases, "dice": {}, "best": "1 step"}  # what --one_step_only reports

@@ -180,6 +180,19 @@ class BenchSetup:
     splits: list
 
 
+def read_case(bench: BenchSetup, trainer, case: str) -> tuple[np.ndarray, dict, np.ndarray, np.ndarray, Any]:
+    """One case of ``bench``'s raw dataset as the benchmarks score it: the image preprocessed with ``trainer``'s
+    plans (``data``, its ``properties``), the reference ``[*S]`` int64 in SimpleITK's array layout (as
+    ``evaluation._read``: (z, y, x)), its spacing in that order and the SimpleITK image."""
+    import SimpleITK as sitk
+    raw, ending = C.shared_data_dir() / bench.name, bench.dataset_json["file_ending"]
+    files = [str(raw / "imagesTr" / f"{case}_{i:04d}{ending}") for i in range(len(bench.dataset_json["channel_names"]))]
+    pm, cm = trainer.plans_manager, trainer.configuration_manager
+    data, _, props = cm.preprocessor_class(verbose=False).run_case(files, None, pm, cm, bench.dataset_json)
+    img = sitk.ReadImage(str(raw / "labelsTr" / f"{case}{ending}"))
+    return data, props, sitk.GetArrayFromImage(img).astype(np.int64), np.asarray(img.GetSpacing())[::-1], img
+
+
 def prepare(args: argparse.Namespace) -> BenchSetup:
     """What bench_value, value_models and bench_own_path do first, from bench_value's flags: logging, nnU-Net's
     environment in ``--work``, torch threads, ``args.budget_tag``, the dataset planned and preprocessed, the

@@ -80,26 +80,12 @@ def score(test: Sequence[str], probabilities: Callable[[str], tuple[np.ndarray, 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from bench_value import build_parser
-    from value_models import ensemble_folds, member_args, member_key, model_tag, prepare, train_all
+    from value_models import ensemble_folds, member_args, member_key, model_tag, prepare, read_case, train_all
     parser = build_parser()
     parser.description = "fold temperature and top-label map: nnU-Net's models, its fold ensemble and ours"
     args = parser.parse_args(argv)
     bench = prepare(args)
     members = member_args(args)
-    import SimpleITK as sitk
-    raw, ending = C.shared_data_dir() / bench.name, bench.dataset_json["file_ending"]
-    n_ch = len(bench.dataset_json["channel_names"])
-    pp = None
-
-    def read_case(case: str):
-        nonlocal pp
-        models_any = next(iter(models.values()))[0]
-        pp = pp or models_any.configuration_manager.preprocessor_class(verbose=False)
-        files = [str(raw / "imagesTr" / f"{case}_{i:04d}{ending}") for i in range(n_ch)]
-        data, _, props = pp.run_case(files, None, models_any.plans_manager, models_any.configuration_manager,
-                                     bench.dataset_json)
-        return data, props, sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTr" / f"{case}{ending}")))
-
     models = train_all(args, bench.plans, bench.dataset_json)
     calibrated, results = {}, {"args": {k: str(v) for k, v in vars(args).items()}, "machine": C.machine_info(),
                                       "rows": []}
@@ -108,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         val = sorted(bench.splits[int(fold)]["val"])[: args.temperature_cases]
         tag = model_tag(method, int(fold), int(seed), members if apart else args)
         probs = model_probabilities(trainer, method, val + list(bench.test), args.work / "value_probs" / tag, args,
-                                    read_case)
+                                    lambda case, t=trainer: read_case(bench, t, case)[:3])
         calibration = fit({c: probs[c] for c in val}, args.roi_dilation)
         calibrated[key] = (probs, calibration)
         for stage in STAGES:
