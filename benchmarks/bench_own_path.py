@@ -106,9 +106,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 sampler.integrate = plain_integrate
             s = scores.summary()
             per_run[f"{vname} s{seed}"] = s
+            rho = s["spearman_roi"]["rho"]  # None with fewer than 3 cases (undefined)
             rows.append({"seed": seed, "variant": vname, "Dice": round(s["dice_fg"], 4),
                          "ROI ECE": round(s["roi"]["ece"], 4), "ROI NLL": round(s["roi"]["nll"], 4),
-                         "ROI AURC": round(s["roi"]["aurc"], 4), "rho roi": round(s["spearman_roi"]["rho"], 2),
+                         "ROI AURC": round(s["roi"]["aurc"], 4), "rho roi": None if rho is None else round(rho, 2),
                          "s/case": round(s["s_per_case"], 3)})
             logger.info("seed %d %s: Dice %.4f (%.0f s)", seed, vname, s["dice_fg"], time.perf_counter() - t0)
     table = C.markdown_table(rows, list(rows[0]))

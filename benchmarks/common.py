@@ -215,6 +215,8 @@ def write_json(path: Path, obj: Any) -> None:
 
 def markdown_table(rows: Iterable[dict], columns: Sequence[str]) -> str:
     def fmt(v: Any) -> str:
+        if v is None:  # undefined (e.g. a rank correlation over fewer than 3 cases)
+            return "—"
         if isinstance(v, float):
             return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
         return str(v)

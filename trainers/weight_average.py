@@ -121,11 +121,12 @@ class MedFlowSegTrainer_ema(MedFlowSegTrainer):
 
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
         super().load_checkpoint(filename_or_checkpoint)
-        companion = companion_path(filename_or_checkpoint) if isinstance(filename_or_checkpoint, str) else None
+        path = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else None  # None: a dict
+        companion = companion_path(path) if path is not None else None
         saved = torch.load(companion, map_location=self.device, weights_only=False) \
             if companion is not None and os.path.isfile(companion) else None
         self._resumed_average = saved if saved is not None and saved["current_epoch"] == self.current_epoch else None
-        final = isinstance(filename_or_checkpoint, str) and holds_average(filename_or_checkpoint)
+        final = path is not None and holds_average(path)
         if self._resumed_average is None and not final:
             logger.warning("no weight average saved with this checkpoint (epoch %d): it restarts from the loaded "
                            "weights", self.current_epoch)
