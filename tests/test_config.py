@@ -1,7 +1,11 @@
+import json
+import re
+
 import pytest
 
 from medflowseg_nn.config import PLANS_KEY, FlowMatchingConfig
 from medflowseg_nn.flow.path import MixtureTimeSampler
+from tests.conftest import REPO_ROOT
 
 
 def test_round_trip_through_plans():
@@ -54,3 +58,11 @@ def test_time_scaled_input_is_the_default_and_blocks_written_before_keep_the_pla
     assert not FlowMatchingConfig.from_dict(old).network.time_scaled_x_t
     assert not FlowMatchingConfig.from_dict({"steps": 2}).network.time_scaled_x_t
     assert FlowMatchingConfig().network.network_kwargs()["time_scaled_x_t"]
+
+
+def test_readme_shows_the_block_the_planner_writes():
+    """The README's ``flow_matching`` example is the default block, every key (it had fallen behind twice)."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = re.search(r"### The plans' `flow_matching` block\s+```json\s+(.*?)```", readme, re.S)
+    assert block is not None
+    assert json.loads("{" + block.group(1) + "}")[PLANS_KEY] == FlowMatchingConfig().to_dict()

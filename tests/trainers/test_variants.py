@@ -114,10 +114,12 @@ def test_label_smoothing_variant_builds_a_smoothing_loss(planned):
     assert make_trainer(MedFlowSegTrainer, planned, fresh(planned)[0])._build_loss().smoothing_sigma == 0.0
 
 
-def test_no_dice_variant_builds_a_ce_only_loss(planned):
-    trainer = make_trainer(variants.MedFlowSegTrainer_noDice, planned, fresh(planned)[0])
-    assert trainer.plans_manager.plans[PLANS_KEY]["dice_weight"] == 0.0  # saved with the model
-    assert trainer._build_loss().dice_weight == 0.0
+@pytest.mark.parametrize("cls, weight", [(variants.MedFlowSegTrainer_noDice, 0.0),
+                                         (variants.MedFlowSegTrainer_diceWeight2, 2.0)])
+def test_dice_weight_variants_build_their_loss(planned, cls, weight):
+    trainer = make_trainer(cls, planned, fresh(planned)[0])
+    assert trainer.plans_manager.plans[PLANS_KEY]["dice_weight"] == weight  # saved with the model
+    assert trainer._build_loss().dice_weight == weight
     assert make_trainer(MedFlowSegTrainer, planned, fresh(planned)[0])._build_loss().dice_weight == 1.0
 
 
