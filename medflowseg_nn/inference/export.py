@@ -72,7 +72,8 @@ def top_class_as(segmentation: np.ndarray, probabilities: np.ndarray) -> np.ndar
     top, its probability and the segmentation class's trade places. The mapped probabilities keep the argmax
     voxel by voxel, but nnU-Net's resampling interpolates them (not linear in the logits) and can tip a
     boundary voxel's near-tie the other way; nnU-Net's own exports (and ensembles of ``.npz`` files) rely on the
-    ``.npz`` argmax being the segmentation."""
+    ``.npz`` argmax being the segmentation. Where the segmentation class ties exactly with a class of lower index
+    (a flat step of the isotonic map; the argmax takes the first), its probability is raised by one float step."""
     top = probabilities.argmax(0)
     seg = segmentation.astype(np.int64)
     if np.array_equal(top, seg):
@@ -82,6 +83,10 @@ def top_class_as(segmentation: np.ndarray, probabilities: np.ndarray) -> np.ndar
     p_seg = np.take_along_axis(probabilities, seg[None], 0)
     np.put_along_axis(out, seg[None], p_top, 0)
     np.put_along_axis(out, top[None], p_seg, 0)
+    tied = (out.argmax(0) != seg)[None]
+    if tied.any():
+        above = np.nextafter(p_top, np.array(np.inf, dtype=out.dtype))
+        np.put_along_axis(out, seg[None], np.where(tied, above, p_top), 0)
     return out
 
 

@@ -141,3 +141,16 @@ def test_top_class_as_the_segmentation_trades_only_the_disagreeing_voxels(spatia
     assert np.array_equal(traded.argmax(0), target)
     assert np.array_equal(traded[:, ~flip], probs[:, ~flip])
     np.testing.assert_allclose(np.sort(traded, 0), np.sort(probs, 0))  # the same values per voxel, other places
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_top_class_as_breaks_exact_ties_for_the_segmentation(dtype):
+    """Exact ties (a flat isotonic step) — the first index wins numpy's argmax, so swapping equal values is not
+    enough: the segmentation's class is raised by one float step (seen in the suite: a barely trained model whose
+    mapped probabilities tied at 1/3)."""
+    probs = np.array([[0.4, 1 / 3, 0.5], [0.4, 1 / 3, 0.3], [0.2, 1 / 3, 0.2]], dtype=dtype)[:, :, None]  # [C, 3, 1]
+    seg = np.array([[1], [2], [0]])
+    traded = top_class_as(seg, probs)
+    assert traded.dtype == dtype and np.array_equal(traded.argmax(0), seg)
+    np.testing.assert_allclose(traded.sum(0), 1, atol=1e-3)
+    assert np.array_equal(traded[:, 2], probs[:, 2])  # the voxel whose argmax already was the segmentation
