@@ -65,9 +65,12 @@ def test_a_dying_rank_ends_the_job_with_an_error_instead_of_a_hang(nnunet_env, t
     script = tmp_path / "dying_rank.py"
     script.write_text(DYING_RANK)
     env = dict(os.environ, nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0", MFS_DDP_TIMEOUT="60", DIE_AFTER_S="25")
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", str(script), "994", "3d_fullres", "0",
-           "-tr", "MedFlowSegTrainer_demo", "-device", "cpu", "--quiet"]
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "--log-dir", str(tmp_path / "ranks"), "--tee", "3",
+           str(script), "994", "3d_fullres", "0", "-tr", "MedFlowSegTrainer_demo", "-device", "cpu", "--quiet"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     log = run.stdout + run.stderr
-    assert run.returncode != 0, log[-3000:]
-    assert "exitcode  : 17" in log or "exitcode: 17" in log or "exit code 17" in log.lower(), log[-3000:]
+    assert run.returncode != 0, failure_report(run, tmp_path / "ranks")
+    # once (2026-12-06, suite beside a benchmark): rank 0 saw "Connection closed by peer" at nnU-Net's
+    # on_train_start barrier before rank 1's timer fired, and rank 1 was SIGTERMed — each rank's own log says why
+    assert "exitcode  : 17" in log or "exitcode: 17" in log or "exit code 17" in log.lower(), \
+        failure_report(run, tmp_path / "ranks")
