@@ -61,7 +61,8 @@ def test_time_scaled_input_is_the_default_and_blocks_written_before_keep_the_pla
 
 
 def test_readme_shows_the_block_the_planner_writes():
-    """The README's ``flow_matching`` example is the default block, every key (it had fallen behind twice)."""
+    """The README's ``flow_matching`` example is the default block, every key (it had fallen behind: two keys
+    were missing)."""
     readme = (REPO_ROOT / "README.md").read_text()
     block = re.search(r"### The plans' `flow_matching` block\s+```json\s+(.*?)```", readme, re.S)
     assert block is not None
