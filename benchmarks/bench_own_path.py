@@ -89,9 +89,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import medflowseg_nn.inference.sampler as sampler
     name, plans, dataset_json, test = bench.name, bench.plans, bench.dataset_json, bench.test
     plain_integrate, rows, per_run = sampler.integrate, [], {}
-    for seed in args.seeds:
-        trainer, _ = train_or_load("ours", 0, seed, args, plans, dataset_json)
-        cases = {case: read_case(bench, trainer, case)[:4] for case in test}
+    trainers = {seed: train_or_load("ours", 0, seed, args, plans, dataset_json)[0] for seed in args.seeds}
+    first = trainers[args.seeds[0]]  # the seeds share the plans: each test case is preprocessed once
+    cases = {case: read_case(bench, first, case)[:4] for case in test}
+    for seed, trainer in trainers.items():
         for vname in args.variants:
             variant = VARIANTS[vname]
             sampler.integrate = make_integrate(variant, plain_integrate)
