@@ -78,6 +78,31 @@ def score(test: Sequence[str], probabilities: Callable[[str], tuple[np.ndarray, 
     return {k: d[k] for k in ("ece", "aurc", "nll", "brier")}
 
 
+def pooled_rows(test: Sequence[str], calibrated: dict, validation: dict, args) -> list[dict]:
+    """The "+ pooled T + map" rows: ``calibrated`` / ``validation``: model key → (test + validation probabilities,
+    own calibration) / its fold's validation cases' probabilities."""
+    from value_models import ensemble_folds, member_key
+    rows = []
+    for method in ("nnunet", "ours"):
+        members = [member_key(method, f, args) for f in ensemble_folds(method, args)]
+        others = [m for m in members if not re.search(r"_f0_s\d+$", m)]
+        pools = {k: [k, *others] for k in calibrated if re.fullmatch(rf"{method}_f0_s\d+", k)} if members else {}
+        for key, pool in pools.items():
+            pooled = fit({c: v for m in pool for c, v in validation[m].items()}, args.roi_dilation)
+            probs = calibrated[key][0]
+            scores = score(test, lambda c: (pooled.probabilities(probs[c][0]), probs[c][1]), args.roi_dilation)
+            rows.append({"model": key, "stage": "+ pooled T + map", "T": pooled.temperature, **scores})
+        if members:
+            pooled = fit({c: v for m in members for c, v in validation[m].items()}, args.roi_dilation)
+
+            def averaged(case: str, members=members, pooled=pooled):
+                mean = np.mean([pooled.probabilities(calibrated[m][0][case][0]) for m in members], 0)
+                return mean, calibrated[members[0]][0][case][1]
+            rows.append({"model": f"{method} ensemble {'+'.join(members)}", "stage": "+ pooled T + map",
+                         "T": pooled.temperature, **score(test, averaged, args.roi_dilation)})
+    return rows
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from bench_value import build_parser
     from value_models import ensemble_folds, member_args, member_key, model_tag, prepare, read_case, train_all
@@ -87,15 +112,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bench = prepare(args)
     members = member_args(args)
     models = train_all(args, bench.plans, bench.dataset_json)
-    calibrated, results = {}, {"args": {k: str(v) for k, v in vars(args).items()}, "machine": C.machine_info(),
-                                      "rows": []}
+    calibrated, validation = {}, {}
+    results = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": C.machine_info(), "rows": []}
     for key, (trainer, _) in models.items():
         method, apart, fold, seed = re.fullmatch(r"(nnunet|ours)(_members)?_f(\d+)_s(\d+)", key).groups()
         val = sorted(bench.splits[int(fold)]["val"])[: args.temperature_cases]
         tag = model_tag(method, int(fold), int(seed), members if apart else args)
         probs = model_probabilities(trainer, method, val + list(bench.test), args.work / "value_probs" / tag, args,
                                     lambda case, t=trainer: read_case(bench, t, case)[:3])
-        calibration = fit({c: probs[c] for c in val}, args.roi_dilation)
+        validation[key] = {c: probs[c] for c in val}
+        calibration = fit(validation[key], args.roi_dilation)
         calibrated[key] = (probs, calibration)
         for stage in STAGES:
             f = stage_fn(calibration, stage)
@@ -112,6 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return mean, calibrated[keys[0]][0][case][1]
             results["rows"].append({"model": f"{method} ensemble {'+'.join(keys)}", "stage": stage,
                                     **score(bench.test, averaged, args.roi_dilation)})
+    results["rows"] += pooled_rows(bench.test, calibrated, validation, args)
     table = [{**r, **{k: f"{r[k]:.4f}" for k in ("ece", "aurc", "nll", "brier")},
               "T": f"{r['T']:.2f}" if "T" in r else ""} for r in results["rows"]]
     print(C.markdown_table(table, ["model", "stage", "T", "ece", "aurc", "nll", "brier"]))

@@ -29,7 +29,8 @@ from medflowseg_nn.calibration import (N_BINS, CalibrationAccumulator, expected_
                                        reference_roi, spearman)
 from medflowseg_nn.errors import UserError
 
-__all__ = ["read_reference", "read_probabilities", "case_foreground_dice", "evaluate_probability_folder",
+__all__ = ["read_reference", "read_probabilities", "case_rows", "folder_rows", "case_foreground_dice",
+           "evaluate_probability_folder",
            "format_calibration_table"]
 SUM_TOLERANCE = 1e-2  # float16 files or rounding; logits would be far off
 PER_CASE_KEYS = ("n_voxels", "accuracy", "ece", "brier", "nll", "aurc", "mean_entropy")
@@ -61,6 +62,41 @@ def read_probabilities(path: str) -> np.ndarray:
         raise UserError(f"{path}: probabilities do not sum to 1 over the class axis 0 (max deviation {dev:.3g}); "
                         "save softmax probabilities [C, *S], not logits")
     return probs
+
+
+def case_rows(prob_file: str, ref_file: str, roi_dilation: int = 3,
+              ignore_label: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """One case's ROI voxels as rows, what a calibration is fitted on: probabilities ``[N, C]`` (the file's dtype)
+    and labels ``[N]`` int64. ROI = the reference's foreground dilated by ``roi_dilation`` voxels (cube), less the
+    voxels with ``ignore_label`` (which count as background for the dilation)."""
+    p = read_probabilities(prob_file)
+    ref = read_reference(ref_file)
+    if p.shape[1:] != ref.shape and [n for n in p.shape[1:] if n != 1] == [n for n in ref.shape if n != 1]:
+        p = p.reshape(p.shape[0], *ref.shape)  # 2d: nnU-Net writes [C, 1, H, W] for an [H, W] reference
+    if p.shape[1:] != ref.shape:
+        raise UserError(f"{prob_file}: probabilities {p.shape} do not match the reference {ref_file} {ref.shape}")
+    keep = np.ones(ref.shape, bool) if ignore_label is None else ref != ignore_label
+    ref = np.where(keep, ref, 0)
+    roi = reference_roi(ref, roi_dilation) & keep
+    return np.moveaxis(p, 0, -1)[roi], ref[roi].astype(np.int64)
+
+
+def folder_rows(prob_dir: str, ref_dir: str, file_ending: str = ".nii.gz", roi_dilation: int = 3,
+                ignore_label: Optional[int] = None,
+                max_cases: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """:func:`case_rows` of every ``prob_dir/CASE.npz`` (sorted, the first ``max_cases``) against
+    ``ref_dir/CASE{file_ending}``, concatenated in case order: rows ``[N, C]``, labels ``[N]``, the cases. One case
+    is in memory at a time apart from its rows."""
+    if not os.path.isdir(prob_dir):
+        raise UserError(f"{prob_dir} is not a folder of CASE.npz probabilities")
+    cases = sorted(f[:-4] for f in os.listdir(prob_dir) if f.endswith(".npz"))[:max_cases]
+    if not cases:
+        raise UserError(f"no CASE.npz probabilities in {prob_dir} to fit a temperature on")
+    got = [case_rows(os.path.join(prob_dir, c + ".npz"), os.path.join(ref_dir, c + file_ending), roi_dilation,
+                     ignore_label) for c in cases]
+    if len({r.shape[1] for r, _ in got}) != 1:
+        raise UserError(f"{prob_dir}: the cases do not all have the same number of classes")
+    return np.concatenate([r for r, _ in got]), np.concatenate([y for _, y in got]), cases
 
 
 def case_foreground_dice(evaluation_result: dict, file_ending: str = ".nii.gz") -> dict[str, float]:

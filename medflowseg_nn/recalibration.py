@@ -27,7 +27,7 @@ from torch import Tensor
 from medflowseg_nn.errors import UserError
 
 __all__ = ["TopLabelMap", "fit_top_label_map", "top_label_map_of_rows", "apply_top_label_map",
-           "apply_top_label_map_np", "voxel_rows"]
+           "apply_top_label_map_np", "voxel_rows", "cap_rows"]
 _MAX_VOXELS = 2_000_000  # the fits subsample (seeded) beyond this many voxels: the temperature moves < 1e-3
 _SHARE_FLOOR = 1e-6  # added to every other class's share: a voxel with c = 1 still spreads 1 − a(c)
 _MARGIN = 1e-6  # the top class stays this far above the runner-up
@@ -87,10 +87,15 @@ def voxel_rows(probabilities: Sequence[np.ndarray], labels: Sequence[np.ndarray]
     p_all, y_all = np.concatenate(rows), np.concatenate(ys)
     if len(y_all) == 0:
         raise UserError(f"{fit}: no voxel selected")
-    if len(y_all) > _MAX_VOXELS:
-        keep = np.random.default_rng(seed).choice(len(y_all), _MAX_VOXELS, replace=False)
-        p_all, y_all = p_all[keep], y_all[keep]
-    return p_all, y_all
+    return cap_rows(p_all, y_all, seed)
+
+
+def cap_rows(rows: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``rows [N, C]``, ``y [N]`` → at most 2 million of them (a seeded uniform subsample), else unchanged."""
+    if len(y) > _MAX_VOXELS:
+        keep = np.random.default_rng(seed).choice(len(y), _MAX_VOXELS, replace=False)
+        return rows[keep], y[keep]
+    return rows, y
 
 
 def fit_top_label_map(probabilities: Sequence[np.ndarray], labels: Sequence[np.ndarray],

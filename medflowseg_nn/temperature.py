@@ -27,11 +27,11 @@ from scipy.optimize import minimize_scalar
 
 from medflowseg_nn.errors import UserError
 from medflowseg_nn.recalibration import (TopLabelMap, apply_top_label_map, apply_top_label_map_np,
-                                         top_label_map_of_rows, voxel_rows)
+                                         cap_rows, top_label_map_of_rows, voxel_rows)
 
-__all__ = ["apply_temperature", "fit_temperature", "temperature_of_rows", "fit_calibration",
-           "fit_calibration_on_folder", "fit_validation_temperature", "save_temperature", "load_calibration",
-           "FoldCalibration", "TEMPERATURE_FILE", "T_BOUNDS"]
+__all__ = ["apply_temperature", "fit_temperature", "temperature_of_rows", "fit_calibration", "calibration_of_rows",
+           "fit_calibration_on_folder", "fitted_on", "fit_validation_temperature", "save_temperature",
+           "load_calibration", "FoldCalibration", "TEMPERATURE_FILE", "T_BOUNDS"]
 logger = logging.getLogger(__name__)
 TEMPERATURE_FILE = "temperature.json"
 T_BOUNDS = (0.05, 20.0)
@@ -110,6 +110,11 @@ def fit_calibration(probabilities: Sequence[np.ndarray], labels: Sequence[np.nda
     """:func:`fit_temperature`, then (``top_label_map``) the top-label map on the tempered probabilities of the same
     voxels (arguments as :func:`fit_temperature`): the voxels are selected once, and only they are tempered."""
     rows, y = voxel_rows(probabilities, labels, masks, 0, "fit_calibration")
+    return calibration_of_rows(rows, y, top_label_map)
+
+
+def calibration_of_rows(rows: np.ndarray, y: np.ndarray, top_label_map: bool = True) -> FoldCalibration:
+    """:func:`fit_calibration` on voxels already selected: probabilities ``rows [N, C]``, labels ``y [N]``."""
     temperature = temperature_of_rows(rows, y)
     mapped = top_label_map_of_rows(apply_temperature(rows, temperature, axis=1), y) if top_label_map else None
     return FoldCalibration(temperature, mapped)
@@ -122,25 +127,19 @@ def fit_calibration_on_folder(prob_dir: str, ref_dir: str, file_ending: str = ".
     with ``--npz``) against ``ref_dir/CASE{file_ending}``, in each reference's ROI (foreground dilated by
     ``roi_dilation`` voxels; voxels with ``ignore_label`` left out), then (``top_label_map``) the top-label map on
     the tempered probabilities in the same voxels. Returns them and a JSON-ready description."""
-    from medflowseg_nn.calibration import reference_roi
-    from medflowseg_nn.calibration_folder import read_probabilities, read_reference
-    cases = sorted(f[:-4] for f in os.listdir(prob_dir) if f.endswith(".npz"))[:max_cases]
-    if not cases:
-        raise UserError(f"no CASE.npz probabilities in {prob_dir} to fit a temperature on")
-    probs, refs, rois = [], [], []
-    for case in cases:
-        p = read_probabilities(os.path.join(prob_dir, case + ".npz"))
-        ref = read_reference(os.path.join(ref_dir, case + file_ending))
-        if p.shape[1:] != ref.shape and [n for n in p.shape[1:] if n != 1] == [n for n in ref.shape if n != 1]:
-            p = p.reshape(p.shape[0], *ref.shape)  # 2d: nnU-Net writes [C, 1, H, W] for an [H, W] reference
-        probs.append(p)
-        keep = np.ones(ref.shape, bool) if ignore_label is None else ref != ignore_label
-        refs.append(np.where(keep, ref, 0))
-        rois.append(reference_roi(refs[-1], roi_dilation) & keep)
-    return fit_calibration(probs, refs, rois, top_label_map), {
-        "cases": cases, "roi_dilation": roi_dilation, "objective": "NLL in the reference ROI",
-        "top_label_map": "isotonic, after T, in the reference ROI" if top_label_map else None,
-        "probabilities": os.path.abspath(prob_dir)}
+    from medflowseg_nn.calibration_folder import folder_rows
+    rows, y, cases = folder_rows(prob_dir, ref_dir, file_ending, roi_dilation, ignore_label, max_cases)
+    if len(y) == 0:
+        raise UserError(f"fit_calibration_on_folder: no voxel selected in {prob_dir}")
+    return calibration_of_rows(*cap_rows(rows, y), top_label_map), fitted_on(cases, roi_dilation, top_label_map,
+                                                                           os.path.abspath(prob_dir))
+
+
+def fitted_on(cases: Sequence[str], roi_dilation: int, top_label_map: bool, probabilities) -> dict:
+    """The ``fitted_on`` description a ``temperature.json`` carries."""
+    return {"cases": list(cases), "roi_dilation": roi_dilation, "objective": "NLL in the reference ROI",
+            "top_label_map": "isotonic, after T, in the reference ROI" if top_label_map else None,
+            "probabilities": probabilities}
 
 
 def fit_validation_temperature(fold_folder: str, gt_folder: str, file_ending: str, sampler: dict,

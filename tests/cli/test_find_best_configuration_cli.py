@@ -1,7 +1,7 @@
 """``mfs_find_best_configuration`` on two trained smoke configurations (2d and 3d_fullres, folds 0 and 1, validation
 probabilities kept), then the sequence its ``inference_instructions.txt`` prints, run as written (in-process):
 ``mfs_predict`` → ``mfs_ensemble`` → ``mfs_apply_postprocessing``; and ``mfs_predict -f 0 1`` uncertainty over
-(fold, sample) members."""
+(fold, sample) members; ``mfs_pool_calibration`` on the same folds."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medflowseg_nn.cli import ensemble, find_best_configuration, postprocessing, predict
+from medflowseg_nn.calibration_folder import folder_rows
+from medflowseg_nn.cli import ensemble, find_best_configuration, pool_calibration, postprocessing, predict
+from medflowseg_nn.temperature import calibration_of_rows
 from tests.cli.conftest import TRAINER, WORKFLOW_CONFIGURATIONS, WORKFLOW_DATASET, train_smoke_folds
 from tests.conftest import set_nnunet_env
 
@@ -161,3 +163,31 @@ def test_predict_with_two_folds_counts_fold_sample_pairs(trained, tmp_path, monk
         cross = 6 * d["both"] - d["f0"] - d["f1"]
         assert np.allclose(cross, np.round(cross), atol=1e-4) and cross.min() > -1e-4 and cross.max() < 4 + 1e-4
         assert 0 <= d["both"].min() and d["both"].max() <= 1
+
+
+def test_pool_calibration_writes_one_fit_into_every_fold_and_restores_the_own_fits(trained, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """``mfs_pool_calibration`` on a copy of the 2d model: one T + map fitted on both folds' validation cases (the
+    known answer: the fit on their rows at once) in both folds, the own fits kept, ``--restore`` puts them back."""
+    set_env(trained, monkeypatch)
+    name = trained.models["2d"].name
+    model = tmp_path / "nnUNet_results" / trained.results.name / name
+    shutil.copytree(trained.models["2d"], model)
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "nnUNet_results"))
+    folds = ("fold_0", "fold_1")
+    own = {f: (model / f / "temperature.json").read_bytes() for f in folds}
+    assert pool_calibration.main([str(DATASET), "-c", "2d", "-tr", TRAINER, "-f", "0", "1"]) == 0
+    assert "pooled calibration (T" in capsys.readouterr().out
+    pooled = [json.loads((model / f / "temperature.json").read_text()) for f in folds]
+    assert pooled[0] == pooled[1] and pooled[0]["fitted_on"]["sampler"] == \
+        json.loads(own["fold_0"])["fitted_on"]["sampler"]
+    gt = trained.root / "nnUNet_preprocessed" / trained.raw.name / "gt_segmentations"
+    rows = [folder_rows(str(model / f / "validation"), str(gt)) for f in folds]
+    direct = calibration_of_rows(np.concatenate([r for r, _, _ in rows]), np.concatenate([y for _, y, _ in rows]))
+    assert pooled[0]["temperature"] == pytest.approx(direct.temperature, rel=1e-6)
+    assert pooled[0]["fitted_on"]["cases"] == [c for _, _, cases in rows for c in cases]
+    assert {f: (model / f / "temperature_own_fold.json").read_bytes() for f in folds} == own
+    assert pool_calibration.main([str(DATASET), "-c", "2d", "-tr", TRAINER, "-f", "0", "1", "--restore"]) == 0
+    assert {f: (model / f / "temperature.json").read_bytes() for f in folds} == own
+    assert pool_calibration.main([str(DATASET), "-c", "2d", "-tr", TRAINER, "-f", "0"]) == 2
+    assert "at least two distinct folds" in capsys.readouterr().err

@@ -1,0 +1,124 @@
+"""One calibration for all folds of a model, fitted on its pooled cross-validation.
+
+After training, each fold's ``temperature.json`` (:mod:`medflowseg_nn.temperature`: T, then the top-label map) is
+fitted on that fold's own validation cases — a fifth of the training data, e.g. 32 Hippocampus cases. Those few
+cases decide T noticeably: the folds of one model fit T = 1.64 … 1.83 on the 2d protocol of issue #9. Pooling
+the final validations of all folds (each case predicted by the fold model that did not train on it, as nnU-Net's
+``accumulate_cv_results`` pools the segmentations) gives one fit on every training case, which
+:func:`write_pooled_calibration` writes into every fold; ``mfs_predict`` applies it as before. Measured
+(``benchmarks/RESULTS.md``, 2026-12-06 15:40): a fold-0 model's test ROI ECE after T + map 0.0108 → 0.0073
+(nnU-Net's models, 4 seeds) and 0.0110 → 0.0069 (ours), the fold ensemble's unchanged (0.0029 → 0.0031, 0.0024 →
+0.0024).
+
+Each fold's own fit is kept as ``temperature_own_fold.json`` (never overwritten once written);
+:func:`restore_own_fold_calibration` puts it back. The folds must hold their validation probabilities
+(``mfs_train ... --npz``, or ``--val --npz`` afterwards) and own fits for the same sampler settings. Imports no
+nnunetv2.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from typing import Optional, Sequence
+
+import numpy as np
+
+from medflowseg_nn.errors import UserError
+from medflowseg_nn.recalibration import cap_rows
+from medflowseg_nn.temperature import (TEMPERATURE_FILE, FoldCalibration, calibration_of_rows, fitted_on,
+                                       save_temperature)
+
+__all__ = ["OWN_FOLD_FILE", "fit_pooled_calibration", "write_pooled_calibration", "restore_own_fold_calibration"]
+logger = logging.getLogger(__name__)
+OWN_FOLD_FILE = "temperature_own_fold.json"
+
+
+def _own_fit(fold_folder: str) -> dict:
+    """The fold's own ``temperature.json`` content (from the kept copy once a pooled fit replaced it)."""
+    for name in (OWN_FOLD_FILE, TEMPERATURE_FILE):
+        path = os.path.join(fold_folder, name)
+        if os.path.isfile(path):
+            try:
+                return json.load(open(path))
+            except ValueError as e:
+                raise UserError(f"{path} is not a temperature file ({e}); refit it with `mfs_train ... --val "
+                                f"--npz`") from None
+    raise UserError(f"{fold_folder} has no {TEMPERATURE_FILE}: its final validation fitted none (a region-based "
+                    f"dataset, or a trainer with fit_temperature off) — nothing to pool")
+
+
+def _validation(fold_folder: str) -> str:
+    folder = os.path.join(fold_folder, "validation")
+    if not os.path.isdir(folder) or not any(f.endswith(".npz") for f in os.listdir(folder)):
+        raise UserError(f"{folder} has no .npz probabilities to pool — rerun the fold's validation with them "
+                        f"(`mfs_train DATASET CONFIGURATION FOLD --val --npz`)")
+    return folder
+
+
+def fit_pooled_calibration(fold_folders: Sequence[str], gt_folder: str, file_ending: str = ".nii.gz",
+                           roi_dilation: int = 3, ignore_label: Optional[int] = None,
+                           top_label_map: bool = True) -> tuple[FoldCalibration, dict]:
+    """T and the top-label map (as :func:`~medflowseg_nn.temperature.fit_calibration_on_folder` fits them) on the
+    ROI voxels of every ``FOLD/validation/CASE.npz`` of ``fold_folders`` (≥ 2) against ``gt_folder``, at most 2
+    million voxels (a seeded subsample). Returns the fit and its ``fitted_on`` description, which names the folds
+    and the sampler settings all their own fits were made for (different settings are a :class:`UserError`)."""
+    from medflowseg_nn.calibration_folder import folder_rows
+
+    folders = [os.path.abspath(f) for f in fold_folders]
+    if len(set(folders)) < 2:
+        raise UserError(f"a pooled calibration needs at least two distinct folds, got {list(fold_folders)}")
+    samplers = [(_own_fit(f).get("fitted_on") or {}).get("sampler") for f in folders]
+    if any(s != samplers[0] for s in samplers):
+        raise UserError("the folds' own calibrations were fitted for different sampler settings ("
+                        + "; ".join(f"{os.path.basename(f)}: {s}" for f, s in zip(folders, samplers))
+                        + ") — rerun their validations with the same settings")
+    rows, ys, cases = [], [], []
+    for folder in folders:
+        r, y, c = folder_rows(_validation(folder), gt_folder, file_ending, roi_dilation, ignore_label)
+        rows.append(r)
+        ys.append(y)
+        cases += c
+        logger.info("%s: %d validation cases, %d ROI voxels", folder, len(c), len(y))
+    if len(set(cases)) != len(cases):
+        logger.warning("%d case(s) are in the validation of more than one fold: they count once per fold",
+                       len(cases) - len(set(cases)))
+    y_all = np.concatenate(ys)
+    if len(y_all) == 0:
+        raise UserError("no ROI voxel in the folds' validation cases")
+    calibration = calibration_of_rows(*cap_rows(np.concatenate(rows), y_all), top_label_map)
+    info = {**fitted_on(cases, roi_dilation, top_label_map, folders), "pooled_folds": folders,
+            "sampler": samplers[0]}
+    logger.info("pooled calibration: T %.4f on %d cases of %d folds", calibration.temperature, len(cases),
+                len(folders))
+    return calibration, info
+
+
+def write_pooled_calibration(fold_folders: Sequence[str], calibration: FoldCalibration, info: dict) -> list[str]:
+    """Write ``calibration`` as every fold's ``temperature.json``, the fold's own fit kept first as
+    ``temperature_own_fold.json`` (not replaced when it exists: a second pooled fit keeps the first own one).
+    Returns the files written."""
+    written = []
+    for folder in fold_folders:
+        current, own = os.path.join(folder, TEMPERATURE_FILE), os.path.join(folder, OWN_FOLD_FILE)
+        if not os.path.isfile(own):
+            if not os.path.isfile(current):
+                raise UserError(f"{folder} has no {TEMPERATURE_FILE} to keep as its own-fold calibration")
+            shutil.copyfile(current, own)
+        written.append(save_temperature(folder, calibration.temperature, info, calibration.top_label_map))
+    return written
+
+
+def restore_own_fold_calibration(fold_folders: Sequence[str]) -> list[str]:
+    """Put each fold's own fit (``temperature_own_fold.json``) back as its ``temperature.json``; returns the folds
+    restored (those without a kept own fit are left as they are, logged)."""
+    restored = []
+    for folder in fold_folders:
+        own = os.path.join(folder, OWN_FOLD_FILE)
+        if not os.path.isfile(own):
+            logger.info("%s has no %s: left as it is", folder, OWN_FOLD_FILE)
+            continue
+        os.replace(own, os.path.join(folder, TEMPERATURE_FILE))
+        restored.append(folder)
+    return restored
