@@ -182,7 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     any_trainer = models[f"ours_f0_s{s0}"][0]
     labels = list(any_trainer.label_manager.foreground_labels)
 
-    @functools.lru_cache(maxsize=None)  # every run's + T fit reads its fold's validation cases: preprocess once
+    @functools.lru_cache(maxsize=256)  # every run's + T fit reads its fold's validation cases: preprocess once
     def inputs(case: str):
         return read_case(bench, any_trainer, case)
 

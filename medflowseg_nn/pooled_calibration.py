@@ -6,9 +6,9 @@ cases decide T noticeably: the folds of one model fit T = 1.64 … 1.83 on the 2
 the final validations of all folds (each case predicted by the fold model that did not train on it, as nnU-Net's
 ``accumulate_cv_results`` pools the segmentations) gives one fit on every training case, which
 :func:`write_pooled_calibration` writes into every fold; ``mfs_predict`` applies it as before. Measured
-(``benchmarks/RESULTS.md``, 2026-12-06 15:40): a fold-0 model's test ROI ECE after T + map 0.0108 → 0.0073
-(nnU-Net's models, 4 seeds) and 0.0110 → 0.0069 (ours), the fold ensemble's unchanged (0.0029 → 0.0031, 0.0024 →
-0.0024).
+(``benchmarks/RESULTS.md``, 2026-12-06 15:42): a fold-0 model's test ROI ECE after T + map 0.0110 → 0.0075
+(ours, 4 seeds, three folds pooled) and 0.0108 → 0.0059 (nnU-Net's models, the same step), the fold ensembles'
+unchanged (0.0024 → 0.0024, 0.0029 → 0.0031).
 
 Each fold's own fit is kept as ``temperature_own_fold.json`` (never overwritten once written);
 :func:`restore_own_fold_calibration` puts it back. The folds must hold their validation probabilities

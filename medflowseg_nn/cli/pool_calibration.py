@@ -4,7 +4,7 @@ Fits the temperature and the top-label map on the pooled final validations of th
 each predicted by the fold model that did not train on it) instead of each fold's fifth of them, and writes it
 into every fold's ``temperature.json``, which ``mfs_predict`` applies; each fold's own fit is kept as
 ``temperature_own_fold.json`` and ``--restore`` puts it back. Lowers the ECE of predictions with one fold's model
-(measured: 0.011 → 0.007 on Hippocampus 2d) and leaves fold ensembles as they were. The folds need their validation
+(measured: 0.011 → 0.0075 on Hippocampus 2d) and leaves fold ensembles as they were. The folds need their validation
 probabilities: train with ``--npz`` or rerun ``mfs_train D C F --val --npz``. See
 :mod:`medflowseg_nn.pooled_calibration`. Flags are ``mfs_train``'s / nnU-Net's.
 """
