@@ -52,9 +52,10 @@ def test_torchrun_two_cpu_ranks_train_one_model_and_resume(nnunet_env, tmp_path)
 DYING_RANK = """
 import os, sys, threading
 from medflowseg_nn.cli.train import main
-if os.environ["RANK"] == "1":  # this rank dies mid-training, as a node that loses power would
-    threading.Timer(float(os.environ["DIE_AFTER_S"]), lambda: os._exit(17)).start()
-sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # a spawned worker imports this file again: only the rank itself trains
+    if os.environ["RANK"] == "1":  # this rank dies mid-training, as a node that loses power would
+        threading.Timer(float(os.environ["DIE_AFTER_S"]), lambda: os._exit(17)).start()
+    sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -74,3 +75,56 @@ def test_a_dying_rank_ends_the_job_with_an_error_instead_of_a_hang(nnunet_env, t
     # on_train_start barrier before rank 1's timer fired, and rank 1 was SIGTERMed — each rank's own log says why
     assert "exitcode  : 17" in log or "exitcode: 17" in log or "exit code 17" in log.lower(), \
         failure_report(run, tmp_path / "ranks")
+
+
+EMA_RANKS = """
+import hashlib, os, sys
+import torch
+import medflowseg_nn.trainers.weight_average as wa
+from medflowseg_nn.pretrained import unwrap
+from medflowseg_nn.trainers.variants import MedFlowSegTrainer_smoke
+
+
+class MedFlowSegTrainer_emaSmokeDDP(wa.MedFlowSegTrainer_ema):
+    trainer_overrides = MedFlowSegTrainer_smoke.trainer_overrides
+    val_multistep_batches = 1
+    ema_window_fraction = 0.5
+
+    def on_train_end(self):
+        super().on_train_end()  # the network now holds the EMA: each rank writes a digest of the weights it holds
+        weights = b"".join(p.detach().cpu().numpy().tobytes() for p in unwrap(self.network).state_dict().values())
+        with open(os.path.join(self.output_folder, f"weights_rank{self.local_rank}.sha"), "w") as f:
+            f.write(hashlib.sha256(weights).hexdigest())
+
+
+wa.MedFlowSegTrainer_emaSmokeDDP = MedFlowSegTrainer_emaSmokeDDP  # a registered module: found by name
+if __name__ == "__main__":  # the validation's spawned workers import this file again: they must not train
+    from medflowseg_nn.cli.train import main
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
+def test_torchrun_ema_ranks_end_with_the_same_averaged_weights_and_resume(nnunet_env, tmp_path):
+    """``MedFlowSegTrainer_ema`` under two gloo ranks: every rank keeps its own EMA of the (all-reduced, hence
+    equal) weights, so both validate with the same averaged network; rank 0 alone writes the companion files."""
+    make_synthetic_dataset(nnunet_env["nnUNet_raw"], 995, num_train=6, shape=(20, 24, 20))
+    assert plan_and_preprocess.main(["-d", "995", "-c", "3d_fullres", "-np", "1"]) == 0
+    script = tmp_path / "ema_ranks.py"
+    script.write_text(EMA_RANKS)
+    env = dict(os.environ, nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0", MFS_DDP_TIMEOUT="300")
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "--log-dir", str(tmp_path / "ranks"), "--tee", "3",
+           str(script), "995", "3d_fullres", "0", "-tr", "MedFlowSegTrainer_emaSmokeDDP", "-device", "cpu"]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, failure_report(first, tmp_path / "ranks")
+    fold = nnunet_env["nnUNet_results"] / "Dataset995_Synthetic" / \
+        "MedFlowSegTrainer_emaSmokeDDP__MedFlowSegPlans__3d_fullres" / "fold_0"
+    digests = [(fold / f"weights_rank{r}.sha").read_text() for r in (0, 1)]
+    assert digests[0] == digests[1]
+    log = next(fold.glob("training_log_*.txt")).read_text()
+    assert "EMA of the weights: window 2 iterations" in log and "now holds the EMA of its weights (4 updates)" in log
+    assert (fold / "checkpoint_final.pth").is_file()
+    assert not (fold / "checkpoint_latest_weight_average.pth").exists()  # removed at the end, by rank 0
+    resumed = subprocess.run(cmd + ["--c"], env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, failure_report(resumed, tmp_path / "ranks")
