@@ -195,5 +195,9 @@ def load_calibration(folder: str, sampler: Optional[dict] = None) -> Optional[Fo
         logger.info("%s was fitted for %s, not %s: probabilities are not temperature-scaled", path, fitted_for,
                     sampler)
         return None
+    pooled = (content.get("fitted_on") or {}).get("pooled_folds")
+    logger.info("%s: T %.3f%s, fitted on %s", path, value, " + top-label map" if mapped else "",
+                f"the pooled validations of {len(pooled)} folds (mfs_pool_calibration)" if pooled
+                else "this fold's validation")
     return FoldCalibration(value, mapped)
 

@@ -3,6 +3,7 @@ known answer (the fit on all folds' cases at once), the own fits kept and restor
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -41,7 +42,7 @@ def make_fold(root, fold: int, true_t: float, rng, sampler=SAMPLER, cases: int =
     return folder, probs, refs
 
 
-def test_the_pooled_fit_is_the_fit_on_every_fold_case_and_is_written_to_every_fold(tmp_path):
+def test_the_pooled_fit_is_the_fit_on_every_fold_case_and_is_written_to_every_fold(tmp_path, caplog):
     rng = np.random.default_rng(0)
     folds = [make_fold(tmp_path, f, t, rng) for f, t in ((0, 1.5), (1, 2.5))]
     pooled, info = fit_pooled_calibration([str(f) for f, _, _ in folds], str(tmp_path / "gt"))
@@ -58,7 +59,9 @@ def test_the_pooled_fit_is_the_fit_on_every_fold_case_and_is_written_to_every_fo
     write_pooled_calibration([str(f) for f, _, _ in folds], pooled, info)
     for (folder, _, _), own_content in zip(folds, own):
         assert json.loads((folder / OWN_FOLD_FILE).read_text()) == own_content
-        assert load_calibration(str(folder), SAMPLER) == pooled  # what mfs_predict loads for these settings
+        with caplog.at_level(logging.INFO, logger="medflowseg_nn.temperature"):
+            assert load_calibration(str(folder), SAMPLER) == pooled  # what mfs_predict loads for these settings
+        assert "the pooled validations of 2 folds" in caplog.text
     # a second pooled fit reads the kept own fits' sampler and keeps them as they were
     again, info_again = fit_pooled_calibration([str(f) for f, _, _ in folds], str(tmp_path / "gt"))
     write_pooled_calibration([str(f) for f, _, _ in folds], again, info_again)

@@ -3,7 +3,8 @@
 ``mfs_export_model_to_zip -d D -c C -tr TR -p P -f F -o FILE.zip`` (nnU-Net's flags; trainer and plans default
 to ``MedFlowSegTrainer`` / ``MedFlowSegPlans``) runs nnU-Net's ``export_pretrained_model``: per fold the
 checkpoints (``-chk``), ``progress.png``, ``validation/summary.json`` (all predictions with ``--exp_cv_preds``), our
-``temperature.json`` (appended: nnU-Net's export does not know it), and per configuration the results folder's
+``temperature.json`` (appended: nnU-Net's export does not know it; with ``temperature_own_fold.json`` where
+``mfs_pool_calibration`` kept the fold's own fit), and per configuration the results folder's
 ``plans.json``, ``dataset.json`` and ``dataset_fingerprint.json``.
 That ``plans.json`` carries the ``flow_matching`` block the trainer resolved and trained with (every key written
 out), so the installed model predicts the same way whatever a later version of this code takes as default; the
@@ -16,6 +17,7 @@ functions work with the CPU torch wheel; nnU-Net's ``print`` output goes to the 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import zipfile
 from typing import Optional, Sequence
@@ -24,6 +26,7 @@ from medflowseg_nn.cli.common import cli_errors, require_env, setup_logging
 from medflowseg_nn.cli.postprocessing import quiet_call
 from medflowseg_nn.cli.train import DEFAULT_PLANS, DEFAULT_TRAINER
 from medflowseg_nn.errors import UserError
+from medflowseg_nn.pooled_calibration import OWN_FOLD_FILE
 from medflowseg_nn.temperature import TEMPERATURE_FILE
 
 
@@ -92,8 +95,8 @@ def export_model(dataset: str, output_file: str, configurations: Sequence[str], 
                save_checkpoints=tuple(checkpoints), export_crossval_predictions=export_crossval_predictions)
     with zipfile.ZipFile(output_file, "a") as z:  # nnU-Net's export knows nothing of the fold temperatures
         for c in present:
-            for f in folds:
-                src = os.path.join(results, name, f"{trainer}__{plans}__{c}", f"fold_{f}", TEMPERATURE_FILE)
+            for f, file in itertools.product(folds, (TEMPERATURE_FILE, OWN_FOLD_FILE)):
+                src = os.path.join(results, name, f"{trainer}__{plans}__{c}", f"fold_{f}", file)
                 if os.path.isfile(src):
                     z.write(src, os.path.relpath(src, results))
         return z.namelist()

@@ -39,8 +39,13 @@ def test_export_install_predict_is_bit_identical(trained, tmp_path, monkeypatch,
     shutil.copy(sorted((raw / "imagesTs").iterdir())[0], inputs)
     case = next(inputs.iterdir()).name[: -len("_0000.nii.gz")]
     zip_file = tmp_path / "model.zip"
-    assert model_sharing.main_export(["-d", str(WORKFLOW_DATASET), "-c", "3d_fullres", "-tr", TRAINER, "-p",
-                                      "MedFlowSegPlans", "-f", "0", "-o", str(zip_file)]) == 0
+    own = model / "fold_0" / "temperature_own_fold.json"  # as mfs_pool_calibration keeps a fold's own fit
+    own.write_text('{"temperature": 1.5, "fitted_on": {}}')
+    try:
+        assert model_sharing.main_export(["-d", str(WORKFLOW_DATASET), "-c", "3d_fullres", "-tr", TRAINER, "-p",
+                                          "MedFlowSegPlans", "-f", "0", "-o", str(zip_file)]) == 0
+    finally:
+        own.unlink()
     with zipfile.ZipFile(zip_file) as z:
         names = z.namelist()
         plans = json.loads(z.read(f"{model.parent.name}/{model.name}/plans.json"))
@@ -57,6 +62,7 @@ def test_export_install_predict_is_bit_identical(trained, tmp_path, monkeypatch,
     assert f"installed {installed}" in capsys.readouterr().out
     fitted = "fold_0/temperature.json"
     assert (installed / fitted).read_text() == (model / fitted).read_text()
+    assert (installed / "fold_0" / "temperature_own_fold.json").read_text() == '{"temperature": 1.5, "fitted_on": {}}'
     assert predict_into(installed, inputs, tmp_path / "inst", "0", "--seed", "7", "--num_samples", "2") == 0
     (p0, s0), (p1, s1) = outputs(tmp_path / "orig", case), outputs(tmp_path / "inst", case)
     assert np.array_equal(p0, p1) and np.array_equal(s0, s1)
