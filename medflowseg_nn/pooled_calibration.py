@@ -10,8 +10,8 @@ the final validations of all folds (each case predicted by the fold model that d
 (ours, 4 seeds, three folds pooled) and 0.0108 → 0.0059 (nnU-Net's models, the same step), the fold ensembles'
 unchanged (0.0024 → 0.0024, 0.0029 → 0.0031).
 
-Each fold's own fit is kept as ``temperature_own_fold.json`` (never overwritten once written);
-:func:`restore_own_fold_calibration` puts it back. The folds must hold their validation probabilities
+Each fold's own fit is kept as ``temperature_own_fold.json`` (refreshed when the fold was validated and fitted
+again); :func:`restore_own_fold_calibration` puts it back. The folds must hold their validation probabilities
 (``mfs_train ... --npz``, or ``--val --npz`` afterwards) and own fits for the same sampler settings. Imports no
 nnunetv2.
 """
@@ -35,18 +35,29 @@ logger = logging.getLogger(__name__)
 OWN_FOLD_FILE = "temperature_own_fold.json"
 
 
+def _read(path: str) -> Optional[dict]:
+    if not os.path.isfile(path):
+        return None
+    try:
+        return json.load(open(path))
+    except ValueError as e:
+        raise UserError(f"{path} is not a temperature file ({e}); refit it with `mfs_train ... --val --npz`") \
+            from None
+
+
+def _is_pooled(content: Optional[dict]) -> bool:
+    return content is not None and "pooled_folds" in (content.get("fitted_on") or {})
+
+
 def _own_fit(fold_folder: str) -> dict:
-    """The fold's own ``temperature.json`` content (from the kept copy once a pooled fit replaced it)."""
-    for name in (OWN_FOLD_FILE, TEMPERATURE_FILE):
-        path = os.path.join(fold_folder, name)
-        if os.path.isfile(path):
-            try:
-                return json.load(open(path))
-            except ValueError as e:
-                raise UserError(f"{path} is not a temperature file ({e}); refit it with `mfs_train ... --val "
-                                f"--npz`") from None
-    raise UserError(f"{fold_folder} has no {TEMPERATURE_FILE}: its final validation fitted none (a region-based "
-                    f"dataset, or a trainer with fit_temperature off) — nothing to pool")
+    """The fold's own fit: its ``temperature.json`` unless that holds a pooled fit, else the kept copy."""
+    current = _read(os.path.join(fold_folder, TEMPERATURE_FILE))
+    own = current if current is not None and not _is_pooled(current) else \
+        _read(os.path.join(fold_folder, OWN_FOLD_FILE))
+    if own is None:
+        raise UserError(f"{fold_folder} has no {TEMPERATURE_FILE}: its final validation fitted none (a "
+                        f"region-based dataset, or a trainer with fit_temperature off) — nothing to pool")
+    return own
 
 
 def _validation(fold_folder: str) -> str:
@@ -97,28 +108,29 @@ def fit_pooled_calibration(fold_folders: Sequence[str], gt_folder: str, file_end
 
 def write_pooled_calibration(fold_folders: Sequence[str], calibration: FoldCalibration, info: dict) -> list[str]:
     """Write ``calibration`` as every fold's ``temperature.json``, the fold's own fit kept first as
-    ``temperature_own_fold.json`` (not replaced when it exists: a second pooled fit keeps the first own one).
-    Returns the files written."""
+    ``temperature_own_fold.json`` (refreshed when ``temperature.json`` holds an own fit, e.g. after ``mfs_train
+    --val``; left as it is when it holds an earlier pooled fit). Returns the files written."""
     written = []
     for folder in fold_folders:
-        current, own = os.path.join(folder, TEMPERATURE_FILE), os.path.join(folder, OWN_FOLD_FILE)
-        if not os.path.isfile(own):
-            if not os.path.isfile(current):
-                raise UserError(f"{folder} has no {TEMPERATURE_FILE} to keep as its own-fold calibration")
-            shutil.copyfile(current, own)
+        current = os.path.join(folder, TEMPERATURE_FILE)
+        content = _read(current)
+        if content is not None and not _is_pooled(content):
+            shutil.copyfile(current, os.path.join(folder, OWN_FOLD_FILE))
+        elif not os.path.isfile(os.path.join(folder, OWN_FOLD_FILE)):
+            raise UserError(f"{folder} has no own-fold calibration to keep ({TEMPERATURE_FILE} missing)")
         written.append(save_temperature(folder, calibration.temperature, info, calibration.top_label_map))
     return written
 
 
 def restore_own_fold_calibration(fold_folders: Sequence[str]) -> list[str]:
-    """Put each fold's own fit (``temperature_own_fold.json``) back as its ``temperature.json``; returns the folds
-    restored (those without a kept own fit are left as they are, logged)."""
+    """Put each fold's own fit (``temperature_own_fold.json``) back as its ``temperature.json`` where that holds a
+    pooled fit; returns the folds restored (the others are left as they are, logged)."""
     restored = []
     for folder in fold_folders:
-        own = os.path.join(folder, OWN_FOLD_FILE)
-        if not os.path.isfile(own):
-            logger.info("%s has no %s: left as it is", folder, OWN_FOLD_FILE)
+        own, current = os.path.join(folder, OWN_FOLD_FILE), os.path.join(folder, TEMPERATURE_FILE)
+        if not os.path.isfile(own) or not _is_pooled(_read(current)):
+            logger.info("%s holds no pooled calibration with a kept own fit: left as it is", folder)
             continue
-        os.replace(own, os.path.join(folder, TEMPERATURE_FILE))
+        os.replace(own, current)
         restored.append(folder)
     return restored

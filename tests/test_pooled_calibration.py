@@ -69,6 +69,14 @@ def test_the_pooled_fit_is_the_fit_on_every_fold_case_and_is_written_to_every_fo
     assert restore_own_fold_calibration([str(f) for f, _, _ in folds]) == [str(f) for f, _, _ in folds]
     assert [json.loads((f / "temperature.json").read_text()) for f, _, _ in folds] == own
     assert not any((f / OWN_FOLD_FILE).exists() for f, _, _ in folds)
+    assert restore_own_fold_calibration([str(f) for f, _, _ in folds]) == []  # nothing pooled: nothing to do
+    # a fold validated and fitted again after pooling (mfs_train --val): the new own fit is the one kept
+    write_pooled_calibration([str(f) for f, _, _ in folds], pooled, info)
+    save_temperature(str(folds[0][0]), 1.25, {"cases": ["again"], "sampler": SAMPLER})
+    refit = json.loads((folds[0][0] / "temperature.json").read_text())
+    write_pooled_calibration([str(f) for f, _, _ in folds], pooled, info)
+    assert json.loads((folds[0][0] / OWN_FOLD_FILE).read_text()) == refit
+    assert json.loads((folds[1][0] / OWN_FOLD_FILE).read_text()) == own[1]
 
 
 def test_errors_name_the_fold_and_the_fix(tmp_path):
