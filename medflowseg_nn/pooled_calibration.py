@@ -2,7 +2,7 @@
 
 After training, each fold's ``temperature.json`` (:mod:`medflowseg_nn.temperature`: T, then the top-label map) is
 fitted on that fold's own validation cases — a fifth of the training data, e.g. 32 Hippocampus cases. Those few
-cases decide T noticeably: the folds of one model fit T = 1.64 … 1.83 on the 2d protocol of issue #9. Pooling
+cases decide T noticeably: the three folds of a model fit T from 1.63 to 1.83 on the 2d protocol of issue #9. Pooling
 the final validations of all folds (each case predicted by the fold model that did not train on it, as nnU-Net's
 ``accumulate_cv_results`` pools the segmentations) gives one fit on every training case, which
 :func:`write_pooled_calibration` writes into every fold; ``mfs_predict`` applies it as before. Measured

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -135,7 +135,8 @@ def fit_calibration_on_folder(prob_dir: str, ref_dir: str, file_ending: str = ".
                                                                            os.path.abspath(prob_dir))
 
 
-def fitted_on(cases: Sequence[str], roi_dilation: int, top_label_map: bool, probabilities) -> dict:
+def fitted_on(cases: Sequence[str], roi_dilation: int, top_label_map: bool,
+              probabilities: Union[str, Sequence[str]]) -> dict:
     """The ``fitted_on`` description a ``temperature.json`` carries."""
     return {"cases": list(cases), "roi_dilation": roi_dilation, "objective": "NLL in the reference ROI",
             "top_label_map": "isotonic, after T, in the reference ROI" if top_label_map else None,
