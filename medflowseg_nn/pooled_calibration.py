@@ -23,12 +23,8 @@ import os
 import shutil
 from typing import Optional, Sequence
 
-import numpy as np
-
 from medflowseg_nn.errors import UserError
-from medflowseg_nn.recalibration import cap_rows
-from medflowseg_nn.temperature import (TEMPERATURE_FILE, FoldCalibration, calibration_of_rows, fitted_on,
-                                       save_temperature)
+from medflowseg_nn.temperature import TEMPERATURE_FILE, FoldCalibration, fit_calibration_on_folders, save_temperature
 
 __all__ = ["OWN_FOLD_FILE", "fit_pooled_calibration", "write_pooled_calibration", "restore_own_fold_calibration"]
 logger = logging.getLogger(__name__)
@@ -71,12 +67,10 @@ def _validation(fold_folder: str) -> str:
 def fit_pooled_calibration(fold_folders: Sequence[str], gt_folder: str, file_ending: str = ".nii.gz",
                            roi_dilation: int = 3, ignore_label: Optional[int] = None,
                            top_label_map: bool = True) -> tuple[FoldCalibration, dict]:
-    """T and the top-label map (as :func:`~medflowseg_nn.temperature.fit_calibration_on_folder` fits them) on the
+    """T and the top-label map (:func:`~medflowseg_nn.temperature.fit_calibration_on_folders`) on the
     ROI voxels of every ``FOLD/validation/CASE.npz`` of ``fold_folders`` (≥ 2) against ``gt_folder``, at most 2
     million voxels (a seeded subsample). Returns the fit and its ``fitted_on`` description, which names the folds
     and the sampler settings all their own fits were made for (different settings are a :class:`UserError`)."""
-    from medflowseg_nn.calibration_folder import folder_rows
-
     folders = [os.path.abspath(f) for f in fold_folders]
     if len(set(folders)) < 2:
         raise UserError(f"a pooled calibration needs at least two distinct folds, got {list(fold_folders)}")
@@ -85,22 +79,14 @@ def fit_pooled_calibration(fold_folders: Sequence[str], gt_folder: str, file_end
         raise UserError("the folds' own calibrations were fitted for different sampler settings ("
                         + "; ".join(f"{os.path.basename(f)}: {s}" for f, s in zip(folders, samplers))
                         + ") — rerun their validations with the same settings")
-    rows, ys, cases = [], [], []
-    for folder in folders:
-        r, y, c = folder_rows(_validation(folder), gt_folder, file_ending, roi_dilation, ignore_label)
-        rows.append(r)
-        ys.append(y)
-        cases += c
-        logger.info("%s: %d validation cases, %d ROI voxels", folder, len(c), len(y))
+    calibration, info = fit_calibration_on_folders([_validation(f) for f in folders], gt_folder, file_ending,
+                                                   roi_dilation, ignore_label=ignore_label,
+                                                   top_label_map=top_label_map)
+    cases = info["cases"]
     if len(set(cases)) != len(cases):
         logger.warning("%d case(s) are in the validation of more than one fold: they count once per fold",
                        len(cases) - len(set(cases)))
-    y_all = np.concatenate(ys)
-    if len(y_all) == 0:
-        raise UserError("no ROI voxel in the folds' validation cases")
-    calibration = calibration_of_rows(*cap_rows(np.concatenate(rows), y_all), top_label_map)
-    info = {**fitted_on(cases, roi_dilation, top_label_map, folders), "pooled_folds": folders,
-            "sampler": samplers[0]}
+    info = {**info, "pooled_folds": folders, "sampler": samplers[0]}
     logger.info("pooled calibration: T %.4f on %d cases of %d folds", calibration.temperature, len(cases),
                 len(folders))
     return calibration, info

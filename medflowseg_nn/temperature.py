@@ -19,7 +19,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from medflowseg_nn.recalibration import (TopLabelMap, apply_top_label_map, apply
                                          cap_rows, top_label_map_of_rows, voxel_rows)
 
 __all__ = ["apply_temperature", "fit_temperature", "temperature_of_rows", "fit_calibration", "calibration_of_rows",
-           "fit_calibration_on_folder", "fitted_on", "fit_validation_temperature", "save_temperature",
+           "fit_calibration_on_folder", "fit_calibration_on_folders", "fit_validation_temperature", "save_temperature",
            "load_calibration", "FoldCalibration", "TEMPERATURE_FILE", "T_BOUNDS"]
 logger = logging.getLogger(__name__)
 TEMPERATURE_FILE = "temperature.json"
@@ -127,20 +127,28 @@ def fit_calibration_on_folder(prob_dir: str, ref_dir: str, file_ending: str = ".
     with ``--npz``) against ``ref_dir/CASE{file_ending}``, in each reference's ROI (foreground dilated by
     ``roi_dilation`` voxels; voxels with ``ignore_label`` left out), then (``top_label_map``) the top-label map on
     the tempered probabilities in the same voxels. Returns them and a JSON-ready description."""
+    calibration, info = fit_calibration_on_folders([prob_dir], ref_dir, file_ending, roi_dilation, max_cases,
+                                                   ignore_label, top_label_map)
+    return calibration, {**info, "probabilities": info["probabilities"][0]}
+
+
+def fit_calibration_on_folders(prob_dirs: Sequence[str], ref_dir: str, file_ending: str = ".nii.gz",
+                               roi_dilation: int = 3, max_cases: Optional[int] = None,
+                               ignore_label: Optional[int] = None,
+                               top_label_map: bool = True) -> tuple[FoldCalibration, dict]:
+    """:func:`fit_calibration_on_folder` on the cases of several folders at once (``max_cases`` per folder), e.g.
+    every fold's final validation: the pooled cross-validation. The description lists the folders."""
     from medflowseg_nn.calibration_folder import folder_rows
-    rows, y, cases = folder_rows(prob_dir, ref_dir, file_ending, roi_dilation, ignore_label, max_cases)
+    got = [folder_rows(d, ref_dir, file_ending, roi_dilation, ignore_label, max_cases) for d in prob_dirs]
+    y = np.concatenate([labels for _, labels, _ in got])
     if len(y) == 0:
-        raise UserError(f"fit_calibration_on_folder: no voxel selected in {prob_dir}")
-    return calibration_of_rows(*cap_rows(rows, y), top_label_map), fitted_on(cases, roi_dilation, top_label_map,
-                                                                           os.path.abspath(prob_dir))
-
-
-def fitted_on(cases: Sequence[str], roi_dilation: int, top_label_map: bool,
-              probabilities: Union[str, Sequence[str]]) -> dict:
-    """The ``fitted_on`` description a ``temperature.json`` carries."""
-    return {"cases": list(cases), "roi_dilation": roi_dilation, "objective": "NLL in the reference ROI",
-            "top_label_map": "isotonic, after T, in the reference ROI" if top_label_map else None,
-            "probabilities": probabilities}
+        raise UserError(f"fit_calibration_on_folders: no voxel selected in {', '.join(prob_dirs)}")
+    rows = np.concatenate([r for r, _, _ in got])
+    return calibration_of_rows(*cap_rows(rows, y), top_label_map), {
+        "cases": [c for _, _, cases in got for c in cases], "roi_dilation": roi_dilation,
+        "objective": "NLL in the reference ROI",
+        "top_label_map": "isotonic, after T, in the reference ROI" if top_label_map else None,
+        "probabilities": [os.path.abspath(d) for d in prob_dirs]}
 
 
 def fit_validation_temperature(fold_folder: str, gt_folder: str, file_ending: str, sampler: dict,
