@@ -78,6 +78,17 @@ def score(test: Sequence[str], probabilities: Callable[[str], tuple[np.ndarray, 
     return {k: d[k] for k in ("ece", "aurc", "nll", "brier")}
 
 
+def ensemble_score(test: Sequence[str], calibrated: dict, recalibrate: dict, dilation: int) -> dict:
+    """:func:`score` of a fold ensemble: the mean over the members (``recalibrate``: member key → its
+    probabilities' recalibration) of their recalibrated probabilities, as ``mfs_predict`` averages folds."""
+    members = list(recalibrate)
+
+    def averaged(case: str):
+        mean = np.mean([recalibrate[m](calibrated[m][0][case][0]) for m in members], 0)
+        return mean, calibrated[members[0]][0][case][1]
+    return score(test, averaged, dilation)
+
+
 def pooled_rows(test: Sequence[str], calibrated: dict, validation: dict, args) -> list[dict]:
     """The "+ pooled T + map" rows: ``calibrated`` / ``validation``: model key → (test + validation probabilities,
     own calibration) / its fold's validation cases' probabilities."""
@@ -94,12 +105,9 @@ def pooled_rows(test: Sequence[str], calibrated: dict, validation: dict, args) -
             rows.append({"model": key, "stage": "+ pooled T + map", "T": pooled.temperature, **scores})
         if members:
             pooled = fit({c: v for m in members for c, v in validation[m].items()}, args.roi_dilation)
-
-            def averaged(case: str, members=members, pooled=pooled):
-                mean = np.mean([pooled.probabilities(calibrated[m][0][case][0]) for m in members], 0)
-                return mean, calibrated[members[0]][0][case][1]
             rows.append({"model": f"{method} ensemble {'+'.join(members)}", "stage": "+ pooled T + map",
-                         "T": pooled.temperature, **score(test, averaged, args.roi_dilation)})
+                         "T": pooled.temperature, **ensemble_score(
+                             test, calibrated, {m: pooled.probabilities for m in members}, args.roi_dilation)})
     return rows
 
 
@@ -132,12 +140,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         keys = [member_key(method, f, args) for f in ensemble_folds(method, args)]
         for stage in STAGES if keys else ():
             fns = {m: stage_fn(calibrated[m][1], stage) for m in keys}
-
-            def averaged(case: str, fns=fns, keys=keys):
-                mean = np.mean([fns[m](calibrated[m][0][case][0]) for m in keys], 0)
-                return mean, calibrated[keys[0]][0][case][1]
             results["rows"].append({"model": f"{method} ensemble {'+'.join(keys)}", "stage": stage,
-                                    **score(bench.test, averaged, args.roi_dilation)})
+                                    **ensemble_score(bench.test, calibrated, fns, args.roi_dilation)})
     results["rows"] += pooled_rows(bench.test, calibrated, validation, args)
     table = [{**r, **{k: f"{r[k]:.4f}" for k in ("ece", "aurc", "nll", "brier")},
               "T": f"{r['T']:.2f}" if "T" in r else ""} for r in results["rows"]]
