@@ -17,6 +17,16 @@ TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchr
 MFS_TRAIN = shutil.which("mfs_train") or str(Path(sys.executable).parent / "mfs_train")
 
 
+def two_ranks(log_dir: Path, program: str, *args: str) -> list[str]:
+    """torchrun with two ranks on this machine running ``program args``; each rank's output kept in ``log_dir``."""
+    return [TORCHRUN, "--standalone", "--nproc_per_node", "2", "--log-dir", str(log_dir), "--tee", "3", program, *args]
+
+
+def rank_env(**extra: str) -> dict[str, str]:
+    """The environment of the ranks: no data-augmentation workers, one nnU-Net process, plus ``extra``."""
+    return dict(os.environ, nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0", **extra)
+
+
 def failure_report(run: subprocess.CompletedProcess, log_dir: Path) -> str:
     """The combined log's tail, then each rank's own output (``torchrun --tee 3`` keeps one file per rank and
     stream): the rank that failed first is often cut from the combined tail by the other rank's traceback."""
@@ -29,9 +39,9 @@ def failure_report(run: subprocess.CompletedProcess, log_dir: Path) -> str:
 def test_torchrun_two_cpu_ranks_train_one_model_and_resume(nnunet_env, tmp_path):
     make_synthetic_dataset(nnunet_env["nnUNet_raw"], 993, num_train=6, shape=(20, 24, 20))
     assert plan_and_preprocess.main(["-d", "993", "-c", "3d_fullres", "-np", "1"]) == 0
-    env = dict(os.environ, nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0", MFS_DDP_TIMEOUT="300")
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "--log-dir", str(tmp_path / "ranks"), "--tee", "3",
-           MFS_TRAIN, "993", "3d_fullres", "0", "-tr", "MedFlowSegTrainer_smoke", "-device", "cpu"]
+    env = rank_env(MFS_DDP_TIMEOUT="300")
+    cmd = two_ranks(tmp_path / "ranks", MFS_TRAIN, "993", "3d_fullres", "0", "-tr", "MedFlowSegTrainer_smoke",
+                    "-device", "cpu")
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     log = first.stdout + first.stderr
     assert first.returncode == 0, failure_report(first, tmp_path / "ranks")
@@ -65,9 +75,9 @@ def test_a_dying_rank_ends_the_job_with_an_error_instead_of_a_hang(nnunet_env, t
     assert plan_and_preprocess.main(["-d", "994", "-c", "3d_fullres", "-np", "1"]) == 0
     script = tmp_path / "dying_rank.py"
     script.write_text(DYING_RANK)
-    env = dict(os.environ, nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0", MFS_DDP_TIMEOUT="60", DIE_AFTER_S="25")
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "--log-dir", str(tmp_path / "ranks"), "--tee", "3",
-           str(script), "994", "3d_fullres", "0", "-tr", "MedFlowSegTrainer_demo", "-device", "cpu", "--quiet"]
+    env = rank_env(MFS_DDP_TIMEOUT="60", DIE_AFTER_S="25")
+    cmd = two_ranks(tmp_path / "ranks", str(script), "994", "3d_fullres", "0", "-tr", "MedFlowSegTrainer_demo",
+                    "-device", "cpu", "--quiet")
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     log = run.stdout + run.stderr
     assert run.returncode != 0, failure_report(run, tmp_path / "ranks")
@@ -113,9 +123,9 @@ def test_torchrun_ema_ranks_end_with_the_same_averaged_weights_and_resume(nnunet
     assert plan_and_preprocess.main(["-d", "995", "-c", "3d_fullres", "-np", "1"]) == 0
     script = tmp_path / "ema_ranks.py"
     script.write_text(EMA_RANKS)
-    env = dict(os.environ, nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0", MFS_DDP_TIMEOUT="300")
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "--log-dir", str(tmp_path / "ranks"), "--tee", "3",
-           str(script), "995", "3d_fullres", "0", "-tr", "MedFlowSegTrainer_emaSmokeDDP", "-device", "cpu"]
+    env = rank_env(MFS_DDP_TIMEOUT="300")
+    cmd = two_ranks(tmp_path / "ranks", str(script), "995", "3d_fullres", "0", "-tr", "MedFlowSegTrainer_emaSmokeDDP",
+                    "-device", "cpu")
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, failure_report(first, tmp_path / "ranks")
     fold = nnunet_env["nnUNet_results"] / "Dataset995_Synthetic" / \
