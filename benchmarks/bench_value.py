@@ -65,7 +65,7 @@ def write_splits(folder: Path, cases: list[str], n_test: int) -> tuple[list[str]
 
 
 def make_predictor(trainer, method: str, args: argparse.Namespace, solver: str = "euler", steps: int = 1,
-                   k: int = 1, hypotheses: str = "mean", model_samples: bool = False):
+                   k: int = 1, hypotheses: str = "mean", model_samples: bool = False, path_mean: bool = False):
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from medflowseg_nn.inference.predictor import MedFlowSegPredictor
@@ -75,7 +75,7 @@ def make_predictor(trainer, method: str, args: argparse.Namespace, solver: str =
               device=torch.device(args.device), verbose=False, allow_tqdm=False)
     predictor = (nnUNetPredictor(**kw) if method == "nnunet" else
                  MedFlowSegPredictor(**kw, steps=steps, solver=solver, seed=0, num_samples=k,
-                                     hypotheses=hypotheses, model_samples=model_samples))
+                                     hypotheses=hypotheses, model_samples=model_samples, path_mean=path_mean))
     predictor.manual_initialization(network, trainer.plans_manager, trainer.configuration_manager,
                                     [network.state_dict()], trainer.dataset_json, type(trainer).__name__,
                                     trainer.inference_allowed_mirroring_axes)

@@ -89,6 +89,8 @@ class FlowMatchingConfig:
             U(0, ``zero_width``) instead (exactly t = 0 when ``zero_width`` is 0).
         mse_weight / seg_weight: weights of the flow MSE and of Dice + CE on the one-step estimate.
         steps / solver / time_grid: default ODE integration at inference (1 step Euler = one network call).
+        path_mean: with ``steps`` >= 2, the output is the mean of the clean estimates of the solver's evaluations
+            instead of the last one (``SolverConfig.path_mean``).
         prior_seed: seed of the Gaussian prior at inference.
         own_estimate_fraction: share of the t > 0 samples trained on x_t between x0 and the network's own one-step
             estimate instead of the label (:mod:`medflowseg_nn.flow.own_estimate`; ``x1`` only); 0 = off (plain
@@ -119,6 +121,7 @@ class FlowMatchingConfig:
     steps: int = 1
     solver: str = "euler"
     time_grid: str = "uniform"
+    path_mean: bool = False
     prior_seed: int = 0
     own_estimate_fraction: float = 1.0
     aux_on_own_estimate: bool = False
@@ -162,9 +165,12 @@ class FlowMatchingConfig:
         return build_time_sampler(self.time_sampler, self.zero_fraction, self.zero_width, self.logit_mean,
                                   self.logit_std, group=self.network.mimo_members)
 
-    def solver_config(self, steps: Optional[int] = None, method: Optional[str] = None) -> SolverConfig:
+    def solver_config(self, steps: Optional[int] = None, method: Optional[str] = None,
+                      path_mean: Optional[bool] = None) -> SolverConfig:
+        """The inference solver: the plans' settings, each argument given (not None) instead of its own."""
         return SolverConfig(steps=steps or self.steps, method=method or self.solver, grid=self.time_grid,
-                            euler_last_step=self.parameterization == "x1")
+                            euler_last_step=self.parameterization == "x1",
+                            path_mean=self.path_mean if path_mean is None else path_mean)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

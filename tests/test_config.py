@@ -67,3 +67,11 @@ def test_readme_shows_the_block_the_planner_writes():
     block = re.search(r"### The plans' `flow_matching` block\s+```json\s+(.*?)```", readme, re.S)
     assert block is not None
     assert json.loads("{" + block.group(1) + "}")[PLANS_KEY] == FlowMatchingConfig().to_dict()
+
+
+def test_path_mean_is_off_by_default_and_an_argument_overrides_the_plans():
+    off = FlowMatchingConfig()
+    assert not off.path_mean and not off.solver_config(steps=2).path_mean
+    on = FlowMatchingConfig.from_dict({**off.to_dict(), "path_mean": True})
+    assert on.solver_config(steps=2).path_mean and not on.solver_config(steps=2, path_mean=False).path_mean
+    assert off.solver_config(path_mean=True).path_mean

@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --steps >= 2: each step before the last moves towards the estimate ('mean') or towards a "
                         "segmentation drawn from it, per voxel ('voxel') or one level set per sample ('level'), so "
                         "that the K samples differ where the model is unsure")
+    p.add_argument("--path_mean", action="store_const", const=True, default=None,
+                   help="with --steps >= 2: the mean of the steps' clean-mask estimates instead of the last one (a "
+                        "self-ensemble along the path, no extra network call; default: the plans' "
+                        "flow_matching.path_mean)")
     p.add_argument("--mc_dropout", action="store_true",
                    help="each of the --num_samples samples runs its own thinned network (MC dropout; needs a model "
                         "trained with dropout, e.g. -tr MedFlowSegTrainer_dropout): model-level sample diversity")
@@ -125,6 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         folds=None if args.f is None else tuple(args.f), checkpoint=args.chk, step_size=args.step_size,
         disable_tta=args.disable_tta, device=pick_device(args.device), steps=args.steps, solver=args.solver,
         seed=args.seed, num_samples=args.num_samples, hypotheses=args.hypotheses, model_samples=args.mc_dropout,
+        path_mean=args.path_mean,
         use_temperature=not args.no_temperature,
         overwrite=args.overwrite,
         num_processes_preprocessing=args.npp, num_processes_export=args.nps, verbose=args.verbose,

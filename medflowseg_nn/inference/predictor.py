@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 class MedFlowSegPredictor(nnUNetPredictor):
     """Arguments as :class:`nnUNetPredictor`, plus the sampling options (``None`` = the plans' default):
     ``steps`` and ``solver`` of the ODE, prior ``seed`` (sample k uses seed + k), ``num_samples`` K,
-    ``hypotheses`` (what the steps before the last move towards: ``sampler.HYPOTHESES``), ``model_samples``
+    ``hypotheses`` (what the steps before the last move towards: ``sampler.HYPOTHESES``), ``path_mean`` (the
+    mean of the steps' clean estimates instead of the last, ``SolverConfig.path_mean``), ``model_samples``
     (each sample through its own thinned network: MC dropout of a model trained with dropout), and
     ``use_temperature``: recalibrate each fold's logits with what was fitted on its validation
     (``fold_X/temperature.json``, :mod:`medflowseg_nn.temperature`: the temperature, then the top-label map when
@@ -52,7 +53,7 @@ class MedFlowSegPredictor(nnUNetPredictor):
                  verbose: bool = False, verbose_preprocessing: bool = False, allow_tqdm: bool = True,
                  steps: Optional[int] = None, solver: Optional[str] = None, seed: Optional[int] = None,
                  num_samples: int = 1, use_temperature: bool = True, hypotheses: str = "mean",
-                 model_samples: bool = False):
+                 model_samples: bool = False, path_mean: Optional[bool] = None):
         super().__init__(tile_step_size, use_gaussian, use_mirroring, perform_everything_on_device, device,
                          verbose, verbose_preprocessing, allow_tqdm)
         if num_samples < 1:
@@ -60,7 +61,7 @@ class MedFlowSegPredictor(nnUNetPredictor):
         if hypotheses not in HYPOTHESES:
             raise UserError(f"--hypotheses must be one of {', '.join(HYPOTHESES)}, got {hypotheses!r}")
         self.steps, self.solver, self.seed, self.num_samples = steps, solver, seed, num_samples
-        self.hypotheses, self.model_samples = hypotheses, model_samples
+        self.hypotheses, self.model_samples, self.path_mean = hypotheses, model_samples, path_mean
         self.use_temperature = use_temperature
         #: per entry of ``list_of_parameters``: its calibration or None (set when loading a model folder)
         self.fold_calibrations: list[Optional[FoldCalibration]] = []
@@ -82,12 +83,14 @@ class MedFlowSegPredictor(nnUNetPredictor):
     @staticmethod
     def sampler_settings(solver: SolverConfig, num_samples: int, hypotheses: str = "mean",
                          model_samples: bool = False) -> dict:
-        """What a fitted temperature holds for: ODE steps, method, K, drawn hypotheses and model samples (each
-        named only when not the default, so temperatures fitted before the option existed still match); the prior
-        seed does not matter."""
+        """What a fitted temperature holds for: ODE steps, method, K, drawn hypotheses, model samples and the path
+        mean (each named only when not the default, so temperatures fitted before the option existed still match);
+        the prior seed does not matter."""
         drawn = {} if hypotheses == "mean" else {"hypotheses": hypotheses}
         if model_samples:
             drawn["model_samples"] = True
+        if solver.path_mean and solver.num_evaluations > 1:  # one Euler step: the same output either way
+            drawn["path_mean"] = True
         return {"steps": int(solver.steps), "solver": solver.method, "num_samples": int(num_samples), **drawn}
 
     @property
@@ -103,7 +106,7 @@ class MedFlowSegPredictor(nnUNetPredictor):
             raise UserError("--mc_dropout needs a model trained with dropout (flow_matching.network.dropout > 0, "
                             "e.g. -tr MedFlowSegTrainer_dropout); this one has no dropout layers")
         return FlowSegmenter(field, label_manager.num_segmentation_heads, config.parameterization,
-                             solver=config.solver_config(self.steps, self.solver),
+                             solver=config.solver_config(self.steps, self.solver, self.path_mean),
                              seed=config.prior_seed if self.seed is None else self.seed,
                              num_samples=self.num_samples, logit_scale=config.logit_scale,
                              multilabel=label_manager.has_regions, hypotheses=self.hypotheses,

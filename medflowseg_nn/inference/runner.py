@@ -65,6 +65,7 @@ class PredictionSettings:
     seed: Optional[int] = None  # --seed
     num_samples: int = 1  # --num_samples
     hypotheses: str = "mean"  # --hypotheses
+    path_mean: Optional[bool] = None  # --path_mean (None: the plans' flow_matching.path_mean)
     model_samples: bool = False  # --mc_dropout
     use_temperature: bool = True  # not --no_temperature
     overwrite: bool = False  # --overwrite
@@ -259,7 +260,7 @@ def predict_folder(input_folder: str, output_folder: str, model_folder: str,
                                     perform_everything_on_device=s.device.type == "cuda", device=s.device,
                                     verbose=s.verbose, allow_tqdm=True, steps=s.steps, solver=s.solver, seed=s.seed,
                                     num_samples=s.num_samples, use_temperature=s.use_temperature,
-                                    hypotheses=s.hypotheses, model_samples=s.model_samples)
+                                    hypotheses=s.hypotheses, model_samples=s.model_samples, path_mean=s.path_mean)
     predictor.initialize_from_trained_model_folder(model_folder, s.folds, s.checkpoint)
     dataset_json = predictor.dataset_json
     ending = dataset_json["file_ending"]

@@ -115,3 +115,21 @@ def test_steps_without_solver_uses_the_plans_euler(trained, tmp_path, spy):
     assert run(trained, tmp_path / "euler", "--steps", "2") == 0
     outputs(trained, tmp_path / "euler")
     assert spy and all((c.steps, c.method) == (2, "euler") and n == 2 for c, n in spy)
+
+
+def test_path_mean_flag_reaches_the_solver_and_averages_the_two_estimates(trained, tmp_path, spy):
+    """``--steps 2 --path_mean``: the solver runs with ``path_mean``, and the output is neither the one-step nor
+    the two-step one (per patch it is their mean, ``test_sampler``; the sliding window's Gaussian-weighted sum of
+    log-probabilities over overlapping tiles is not linear in them). Raw probabilities: the fold's temperature
+    was fitted for one step only."""
+    assert run(trained, tmp_path / "mean", "--steps", "2", "--path_mean", "--no_temperature") == 0
+    mean = outputs(trained, tmp_path / "mean")
+    assert spy and all(c.path_mean and (c.steps, n) == (2, 2) for c, n in spy)
+    spy.clear()
+    assert run(trained, tmp_path / "two", "--steps", "2", "--no_temperature") == 0
+    two = outputs(trained, tmp_path / "two")
+    assert spy and not any(c.path_mean for c, _ in spy)  # the plans' default: off
+    assert run(trained, tmp_path / "one", "--no_temperature") == 0
+    one = outputs(trained, tmp_path / "one")
+    for other in (one, two):
+        assert max(np.abs(mean[c][1] - other[c][1]).max() for c in trained.cases) > 1e-3

@@ -68,3 +68,32 @@ def test_solver_config_validation():
         SolverConfig(method="rk4")
     with pytest.raises(ValueError):
         SolverConfig(steps=0)
+
+
+def _moving_estimate(c: torch.Tensor):
+    """A clean-mask field whose estimate at time t is ``c * (1 + t)``: v = (c (1 + t) - x) / (1 - t)."""
+    return lambda x, t: (c * (1 + t.reshape(-1, 1, 1)) - x) / (1 - t.reshape(-1, 1, 1))
+
+
+@pytest.mark.parametrize("config, factor", [
+    (SolverConfig(1, path_mean=True), 1.0),  # one step: the only estimate, as without path_mean
+    (SolverConfig(2, path_mean=True), (1 + 1.5) / 2),  # estimates at t = 0, 0.5
+    (SolverConfig(4, path_mean=True), (1 + 1.25 + 1.5 + 1.75) / 4),
+    (SolverConfig(2, grid="quadratic", path_mean=True), (1 + 1.25) / 2),  # t = 0, 0.25
+    # Heun's evaluations: t = 0, its corrector at 0.5, then the last interval's Euler step at 0.5
+    (SolverConfig(2, "heun", euler_last_step=True, path_mean=True), (1 + 1.5 + 1.5) / 3),
+])
+def test_path_mean_is_the_mean_of_the_clean_estimates(config, factor):
+    x0, c = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64)
+    out = integrate(_moving_estimate(c), x0, config)
+    assert torch.allclose(out, factor * c, atol=1e-9)
+    last = integrate(_moving_estimate(c), x0, SolverConfig(config.steps, config.method, config.grid,
+                                                              config.euler_last_step))
+    assert torch.allclose(last, c * (1 + float(time_grid(config.steps, config.grid)[-2])), atol=1e-9)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_path_mean_of_a_fixed_target_is_the_target(steps):
+    x0, target = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    field = lambda x, t: (target - x) / (1 - t.reshape(-1, 1, 1))  # noqa: E731
+    assert torch.allclose(integrate(field, x0, SolverConfig(steps, path_mean=True)), target, atol=1e-5)

@@ -23,6 +23,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from medflowseg_nn.cli import plan_and_preprocess
 from medflowseg_nn import nnunet_compat
 from medflowseg_nn.inference.export import PARTIAL_DIR
+from medflowseg_nn.flow.solver import SolverConfig
 from medflowseg_nn.inference.predictor import MedFlowSegPredictor
 from medflowseg_nn.inference.runner import CaseJob, ExportOptions, case_outputs, predict_cases
 from medflowseg_nn.inference.sampler import FlowSegmenter
@@ -246,3 +247,11 @@ def test_one_fold_is_loaded_once_and_again_after_the_weights_change(env, monkeyp
     with torch.no_grad():
         next(predictor.segmenter.parameters()).add_(1.0)  # weights changed behind the predictor's back
     assert torch.equal(predictor.predict_case(data).logits, first) and len(loads) == 2
+
+
+def test_sampler_settings_name_the_path_mean_only_where_it_changes_the_output():
+    settings = MedFlowSegPredictor.sampler_settings
+    assert settings(SolverConfig(2, path_mean=True), 1) == {"steps": 2, "solver": "euler", "num_samples": 1,
+                                                            "path_mean": True}
+    assert "path_mean" not in settings(SolverConfig(2), 1)  # temperatures fitted before the option still match
+    assert "path_mean" not in settings(SolverConfig(1, path_mean=True), 1)  # one Euler step: the same output

@@ -272,3 +272,17 @@ def test_one_step_velocity_samples_of_a_time_scaled_field_keep_their_own_prior(i
     assert counting.batches == [2]
     assert torch.allclose(out.sample_log_probabilities, reference.sample_log_probabilities, atol=1e-5)
     assert not torch.allclose(out.sample_log_probabilities[0], out.sample_log_probabilities[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("time_scaled", [False, True])
+@torch.no_grad()
+def test_path_mean_averages_the_one_step_and_the_two_step_probabilities(image, time_scaled):
+    """x1 output, Euler N = 2: the estimates are the one-step x̂1 (t = 0) and the last step's x̂1 (t = 0.5), so
+    the path mean's probabilities are the mean of the one-step and the two-step ones (up to the eps clamp)."""
+    field = tiny_field(2, time_scaled_x_t=True) if time_scaled else tiny_field(2)
+    run = lambda solver: FlowSegmenter(field, 3, "x1", solver, seed=4)(image).exp()  # noqa: E731
+    one, two = run(SolverConfig()), run(SolverConfig(2, euler_last_step=True))
+    mean = run(SolverConfig(2, euler_last_step=True, path_mean=True))
+    assert not torch.allclose(one, two, atol=1e-3)  # the two estimates differ: the test can tell them apart
+    assert torch.allclose(mean, (one + two) / 2, atol=5e-4)
+    assert torch.allclose(run(SolverConfig(path_mean=True)), one, atol=1e-6)  # one step: the same output
