@@ -86,12 +86,14 @@ def integrate(velocity: VelocityFn, x0: Tensor, config: SolverConfig = SolverCon
         t0, t1 = grid[i], grid[i + 1]
         dt = (t1 - t0).to(x.dtype)
         k1 = velocity(x, t0.expand(batch))
-        estimates.add(x, t0, k1, config.path_mean)
+        if config.path_mean:
+            estimates.add(x, t0, k1)
         if config.method == "euler" or (config.euler_last_step and i == config.steps - 1):
             x = x + dt * k1
         else:
             k2 = velocity(x + dt * k1, t1.expand(batch))
-            estimates.add(x + dt * k1, t1, k2, config.path_mean and bool(t1 < 1))
+            if config.path_mean and bool(t1 < 1):  # at t = 1: only the predictor state (v may be singular)
+                estimates.add(x + dt * k1, t1, k2)
             x = x + dt * 0.5 * (k1 + k2)
     return estimates.mean() if config.path_mean else x
 
@@ -103,9 +105,8 @@ class PathMean:
         self.total: Tensor | None = None
         self.count = 0
 
-    def add(self, x: Tensor, t: Tensor, v: Tensor, keep: bool) -> None:
-        if not keep:
-            return
+    def add(self, x: Tensor, t: Tensor, v: Tensor) -> None:
+        """Add the estimate of the evaluation ``v`` at ``(x, t)``, ``t`` a scalar tensor."""
         estimate = x + (1 - t).to(x.dtype) * v
         self.total = estimate if self.total is None else self.total + estimate
         self.count += 1
