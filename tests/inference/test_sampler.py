@@ -238,7 +238,8 @@ class PlainView(nn.Module):
         return self.field(image, x_t, t)
 
 
-@pytest.mark.parametrize("solver", [SolverConfig(2, "euler"), SolverConfig(3, "heun", euler_last_step=True)])
+@pytest.mark.parametrize("solver", [SolverConfig(2, "euler"), SolverConfig(3, "heun", euler_last_step=True),
+                                    SolverConfig(2, "euler", path_mean=True)])
 @torch.no_grad()
 def test_k_samples_of_a_time_scaled_field_share_the_t0_evaluation(image, solver):
     """The t = 0 output of a time-scaled field is computed once for all K samples: Euler N steps cost
