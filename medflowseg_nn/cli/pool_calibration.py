@@ -46,13 +46,13 @@ def pool_calibration(dataset: str, configuration: str, trainer: str = DEFAULT_TR
     if restore:
         restored = restore_own_fold_calibration(fold_folders)
         return {"model_folder": model_folder, "folds": [os.path.basename(f) for f in restored], "temperature": None}
-    label_manager = PlansManager(join(model_folder, "plans.json")).get_label_manager(
-        load_json(join(model_folder, "dataset.json")))
+    dataset_json = load_json(join(model_folder, "dataset.json"))
+    label_manager = PlansManager(join(model_folder, "plans.json")).get_label_manager(dataset_json)
     if label_manager.has_regions:
         raise UserError("region-based models have no temperature to pool (their outputs are sigmoids)")
     calibration, info = fit_pooled_calibration(
         fold_folders, join(require_env("nnUNet_preprocessed"), name, "gt_segmentations"),
-        load_json(join(model_folder, "dataset.json"))["file_ending"], ignore_label=label_manager.ignore_label)
+        dataset_json["file_ending"], ignore_label=label_manager.ignore_label)
     write_pooled_calibration(fold_folders, calibration, info)
     return {"model_folder": model_folder, "folds": [os.path.basename(f) for f in fold_folders],
             "temperature": calibration.temperature}
