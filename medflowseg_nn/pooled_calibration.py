@@ -24,7 +24,8 @@ import shutil
 from typing import Optional, Sequence
 
 from medflowseg_nn.errors import UserError
-from medflowseg_nn.temperature import TEMPERATURE_FILE, FoldCalibration, fit_calibration_on_folders, save_temperature
+from medflowseg_nn.temperature import (TEMPERATURE_FILE, FoldCalibration, fit_calibration_on_folders,
+                                       fitted_on, save_temperature)
 
 __all__ = ["OWN_FOLD_FILE", "fit_pooled_calibration", "write_pooled_calibration", "restore_own_fold_calibration"]
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def _read(path: str) -> Optional[dict]:
 
 
 def _is_pooled(content: Optional[dict]) -> bool:
-    return content is not None and "pooled_folds" in (content.get("fitted_on") or {})
+    return "pooled_folds" in fitted_on(content)
 
 
 def _own_fit(fold_folder: str) -> dict:
@@ -74,7 +75,7 @@ def fit_pooled_calibration(fold_folders: Sequence[str], gt_folder: str, file_end
     folders = [os.path.abspath(f) for f in fold_folders]
     if len(set(folders)) < 2:
         raise UserError(f"a pooled calibration needs at least two distinct folds, got {list(fold_folders)}")
-    samplers = [(_own_fit(f).get("fitted_on") or {}).get("sampler") for f in folders]
+    samplers = [fitted_on(_own_fit(f)).get("sampler") for f in folders]
     if any(s != samplers[0] for s in samplers):
         raise UserError("the folds' own calibrations were fitted for different sampler settings ("
                         + "; ".join(f"{os.path.basename(f)}: {s}" for f, s in zip(folders, samplers))

@@ -31,7 +31,7 @@ from medflowseg_nn.recalibration import (TopLabelMap, apply_top_label_map, apply
 
 __all__ = ["apply_temperature", "fit_temperature", "temperature_of_rows", "fit_calibration", "calibration_of_rows",
            "fit_calibration_on_folder", "fit_calibration_on_folders", "fit_validation_temperature", "save_temperature",
-           "load_calibration", "FoldCalibration", "TEMPERATURE_FILE", "T_BOUNDS"]
+           "load_calibration", "fitted_on", "FoldCalibration", "TEMPERATURE_FILE", "T_BOUNDS"]
 logger = logging.getLogger(__name__)
 TEMPERATURE_FILE = "temperature.json"
 T_BOUNDS = (0.05, 20.0)
@@ -184,6 +184,12 @@ def save_temperature(folder: str, temperature: float, fitted_on: dict,
     return path
 
 
+def fitted_on(content: Optional[dict]) -> dict:
+    """What a temperature file's fit was made on (its ``fitted_on`` block: ``sampler`` settings, the cases, and
+    ``pooled_folds`` for a pooled fit of ``mfs_pool_calibration``); ``{}`` for no file or a file without one."""
+    return (content or {}).get("fitted_on") or {}
+
+
 def load_calibration(folder: str, sampler: Optional[dict] = None) -> Optional[FoldCalibration]:
     """The calibration saved in ``folder``; ``None`` when there is none or when it was fitted for other
     ``sampler`` settings than these (a T fitted for one sample at one step over-softens K averaged samples).
@@ -199,12 +205,12 @@ def load_calibration(folder: str, sampler: Optional[dict] = None) -> Optional[Fo
         raise UserError(f"{path} is not a temperature file ({e}); delete it or refit it") from e
     if not T_BOUNDS[0] <= value <= T_BOUNDS[1]:
         raise UserError(f"{path}: temperature {value} outside {T_BOUNDS}")
-    fitted_for = (content.get("fitted_on") or {}).get("sampler")
+    fitted_for = fitted_on(content).get("sampler")
     if sampler is not None and fitted_for is not None and fitted_for != sampler:
         logger.info("%s was fitted for %s, not %s: probabilities are not temperature-scaled", path, fitted_for,
                     sampler)
         return None
-    pooled = (content.get("fitted_on") or {}).get("pooled_folds")
+    pooled = fitted_on(content).get("pooled_folds")
     logger.info("%s: T %.3f%s, fitted on %s", path, value, " + top-label map" if mapped else "",
                 f"the pooled validations of {len(pooled)} folds (mfs_pool_calibration)" if pooled
                 else "this fold's validation")
