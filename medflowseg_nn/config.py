@@ -36,7 +36,9 @@ class NetworkOptions:
     ``dropout_stages``: only the blocks of these stages (encoder, conditioning encoder and decoder at that
     resolution; negative counts from the deepest, written out by :meth:`resolved`); ``None`` = every stage.
     ``mimo_members``: M ≥ 2 trains M subnetworks in the channels of one UNet and predicts with their mean
-    probability (:mod:`medflowseg_nn.networks.mimo`); 1 (the default) = one network.
+    probability (:mod:`medflowseg_nn.networks.mimo`); 1 (the default) = one network. ``ensemble_members``: M ≥ 2
+    builds a packed ensemble, M independent networks each ``member_width`` × the planned features, trained together
+    on MIMO's row groups and predicting with their mean probability (:mod:`medflowseg_nn.networks.member_ensemble`).
     """
 
     use_dbsa: bool = True
@@ -51,12 +53,25 @@ class NetworkOptions:
     dropout: float = 0.0
     dropout_stages: Optional[list[int]] = None
     mimo_members: int = 1
+    ensemble_members: int = 1
+    member_width: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"flow_matching.network.dropout must be in [0, 1), got {self.dropout}")
         if self.mimo_members < 1:
             raise ValueError(f"flow_matching.network.mimo_members must be >= 1, got {self.mimo_members}")
+        if self.ensemble_members < 1:
+            raise ValueError(f"flow_matching.network.ensemble_members must be >= 1, got {self.ensemble_members}")
+        if self.mimo_members > 1 and self.ensemble_members > 1:
+            raise ValueError("flow_matching.network: mimo_members and ensemble_members cannot both be > 1")
+        if not 0.0 < self.member_width <= 1.0:
+            raise ValueError(f"flow_matching.network.member_width must be in (0, 1], got {self.member_width}")
+
+    @property
+    def members(self) -> int:
+        """Rows per training group: the MIMO or packed-ensemble members (1 for one network)."""
+        return max(self.mimo_members, self.ensemble_members)
 
     def resolved(self, n_stages: int) -> "NetworkOptions":
         """The same options with the default placements written out for a network of ``n_stages`` stages, so
@@ -146,11 +161,10 @@ class FlowMatchingConfig:
             raise ValueError("flow_matching.aux_on_own_estimate needs own_estimate_fraction > 0: with 0 no sample is "
                              "on the own path and the option would change nothing (a block written before the "
                              "own-estimate default means 0; set own_estimate_fraction to use it)")
-        mimo = self.network.mimo_members > 1
-        if mimo and (self.parameterization != "x1" or self.own_estimate_fraction not in (0, 1)):
-            raise ValueError("flow_matching.network.mimo_members > 1 needs the x1 parameterization (its members' "
-                             "outputs are averaged as probabilities) and own_estimate_fraction 0 or 1 (a random "
-                             "share of the rows would split the members' groups)")
+        if self.network.members > 1 and (self.parameterization != "x1" or self.own_estimate_fraction not in (0, 1)):
+            raise ValueError("flow_matching.network mimo_members / ensemble_members > 1 need the x1 parameterization "
+                             "(the members' outputs are averaged as probabilities) and own_estimate_fraction 0 or 1 "
+                             "(a random share of the rows would split the members' groups)")
         if not 0.0 <= self.mimo_input_repetition <= 1.0:
             raise ValueError(f"flow_matching.mimo_input_repetition must be in [0, 1], got {self.mimo_input_repetition}")
         if self.label_smoothing_sigma < 0:
@@ -161,9 +175,9 @@ class FlowMatchingConfig:
         self.solver_config()
 
     def build_time_sampler(self) -> TimeSampler:
-        """The training time sampler; one t per MIMO group of rows when ``network.mimo_members`` > 1."""
+        """The training time sampler; one t per group of rows when ``network.members`` > 1."""
         return build_time_sampler(self.time_sampler, self.zero_fraction, self.zero_width, self.logit_mean,
-                                  self.logit_std, group=self.network.mimo_members)
+                                  self.logit_std, group=self.network.members)
 
     def solver_config(self, steps: Optional[int] = None, method: Optional[str] = None,
                       path_mean: Optional[bool] = None) -> SolverConfig:

@@ -17,6 +17,7 @@ from dynamic_network_architectures.building_blocks.helper import get_matching_dr
 
 from medflowseg_nn.config import FlowMatchingConfig, NetworkOptions
 from medflowseg_nn.networks.layers import conv_ndim
+from medflowseg_nn.networks.member_ensemble import MemberEnsembleField, member_width_features
 from medflowseg_nn.networks.mimo import MimoVectorField
 from medflowseg_nn.networks.residual_vector_field_unet import ResidualEncoderVectorFieldUNet
 from medflowseg_nn.networks.vector_field_unet import VectorFieldUNet
@@ -48,25 +49,42 @@ def vector_field_class(arch_kwargs: dict[str, Any]) -> type[VectorFieldUNet]:
 
 
 def build_vector_field(configuration_manager: Any, num_input_channels: int, num_output_channels: int,
-                       flow_config: FlowMatchingConfig) -> Union[VectorFieldUNet, MimoVectorField]:
+                       flow_config: FlowMatchingConfig) -> Union[VectorFieldUNet, MimoVectorField, MemberEnsembleField]:
     """The vector field ``v(image [B, num_input_channels, *P], x_t [B, num_output_channels, *P], t [B])`` for a
     configuration of nnU-Net plans (its ``ConfigurationManager``) and a flow configuration.
 
     ``num_input_channels`` counts every channel the network sees besides x_t: the image channels, plus for a
     cascade stage the previous stage's one-hot foreground labels (nnU-Net's ``determine_num_input_channels``);
     the network's first convolution takes ``num_input_channels + num_output_channels`` (M times both for
-    ``network.mimo_members`` = M > 1: the :class:`MimoVectorField` of M members, same signature)."""
-    kwargs = architecture_kwargs(configuration_manager, flow_config.network)
-    members = flow_config.network.mimo_members
-    field = vector_field_class(kwargs)(members * num_input_channels, members * num_output_channels, **kwargs)
+    ``network.mimo_members`` = M > 1: the :class:`MimoVectorField` of M members, same signature;
+    ``network.ensemble_members`` = M > 1: the :class:`MemberEnsembleField` of M networks ``member_width`` as wide)."""
+    return network_for(architecture_kwargs(configuration_manager, flow_config.network), num_input_channels,
+                       num_output_channels, flow_config.network)
+
+
+def network_for(kwargs: dict[str, Any], num_input_channels: int, num_output_channels: int,
+                network: NetworkOptions) -> Union[VectorFieldUNet, MimoVectorField, MemberEnsembleField]:
+    """:func:`build_vector_field` from the architecture keywords of :func:`architecture_kwargs`."""
+    cls = vector_field_class(kwargs)
+    if network.ensemble_members > 1:
+        narrow = {**kwargs, "features_per_stage": member_width_features(
+            _as_stage_list(kwargs["features_per_stage"], kwargs["n_stages"]), network.member_width)}
+        return MemberEnsembleField([cls(num_input_channels, num_output_channels, **narrow)
+                                    for _ in range(network.ensemble_members)])
+    members = network.mimo_members
+    field = cls(members * num_input_channels, members * num_output_channels, **kwargs)
     return MimoVectorField(field, members) if members > 1 else field
+
+
+def _as_stage_list(features: Any, n_stages: int) -> list[int]:
+    return list(features) if isinstance(features, (list, tuple)) else [int(features)] * n_stages
 
 
 def feature_map_size(configuration_manager: Any, num_input_channels: int, num_output_channels: int,
                      network: NetworkOptions) -> int:
     """Activation elements the planner's estimate counts for one patch of this configuration (batch 1)."""
-    kwargs = architecture_kwargs(configuration_manager, network)
-    net = vector_field_class(kwargs)(num_input_channels, num_output_channels, **kwargs)
+    net = network_for(architecture_kwargs(configuration_manager, network), num_input_channels, num_output_channels,
+                      network)
     return int(net.compute_conv_feature_map_size(configuration_manager.patch_size))
 
 

@@ -81,7 +81,7 @@ class MedFlowSegTrainer(nnUNetTrainer):
         # the DBSA/FAA placement written out (not left to the code's defaults); the caller's dict is not touched
         self.plans_manager.plans = {**self.plans_manager.plans, PLANS_KEY: self.flow_config.to_dict()}
         self.time_sampler = self.flow_config.build_time_sampler()
-        check_mimo_label_space(self.flow_config.network.mimo_members, self.label_manager.has_regions)
+        check_mimo_label_space(self.flow_config.network.members, self.label_manager.has_regions)
         # before initialize() / get_dataloaders(): nnU-Net builds the DS targets and the network from this flag
         self.enable_deep_supervision = self.flow_config.network.deep_supervision
         self.aux_seg_loss: Optional[nn.Module] = None
@@ -168,7 +168,7 @@ class MedFlowSegTrainer(nnUNetTrainer):
         deep-supervision list (full resolution first). Flow loss on the full-resolution output, plus the
         deep-supervision term of :meth:`_with_aux_loss`. MIMO members: the batch in groups (``trainers.mimo``)."""
         c, multilabel = self.flow_config, self.label_manager.has_regions
-        image, target = mimo_batch(image, target, c.network.mimo_members, c.mimo_input_repetition)
+        image, target = mimo_batch(image, target, c.network.members, c.mimo_input_repetition)
         encoded = self.encode_target(target[0] if isinstance(target, (list, tuple)) else target)
         x0 = torch.randn_like(encoded.x1)
         t = self.time_sampler.sample(x0.shape[0], device=x0.device)

@@ -44,7 +44,8 @@ def mimo_batch(image: torch.Tensor, target: Target, members: int, repetition: fl
 
 
 def check_mimo_label_space(members: int, has_regions: bool) -> None:
-    """Refuse MIMO members for region labels: the members' outputs are averaged as softmax probabilities."""
+    """Refuse MIMO or ensemble members for region labels: the members' outputs are averaged as softmax
+    probabilities."""
     if members > 1 and has_regions:
-        raise UserError("flow_matching.network.mimo_members > 1 averages the members' softmax probabilities; "
-                        "region labels (sigmoid per channel) are not supported, set mimo_members to 1")
+        raise UserError("flow_matching.network mimo_members / ensemble_members > 1 average the members' softmax "
+                        "probabilities; region labels (sigmoid per channel) are not supported, set both to 1")

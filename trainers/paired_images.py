@@ -49,10 +49,10 @@ class MedFlowSegTrainer_pairedImages(MedFlowSegTrainer):
         """The parent's, refusing MIMO members: this step's own :meth:`_flow_loss` does not put the batch into the
         members' groups (``trainers.mimo.mimo_batch``), so a MIMO field would get rows it cannot group."""
         super().__init__(plans, configuration, fold, dataset_json, device)
-        if self.flow_config.network.mimo_members > 1:
+        if self.flow_config.network.members > 1:
             raise UserError(f"{type(self).__name__} trains each image twice in one step and does not group rows "
-                            "for MIMO members; set flow_matching.network.mimo_members to 1 or use the default "
-                            "trainer (MedFlowSegTrainer_mimo2 / _mimo3)")
+                            "for MIMO or ensemble members; set flow_matching.network.mimo_members and "
+                            "ensemble_members to 1 or use the default trainer (MedFlowSegTrainer_mimo2 / _ensemble4)")
 
     def _set_batch_size_and_oversample(self) -> None:
         """nnU-Net's batch size (per process under DDP), halved (rounded up) for the data loader: the network's

@@ -206,6 +206,13 @@ class MedFlowSegTrainer_mimo3(MedFlowSegTrainer):
     network_overrides = {"mimo_members": 3}
 
 
+class MedFlowSegTrainer_ensemble4(MedFlowSegTrainer):
+    """A packed ensemble (:mod:`medflowseg_nn.networks.member_ensemble`): four independent networks, each half the
+    planned width (about one network's convolution FLOPs), each trained on its own shuffle of every batch and
+    predicting with their mean probability — a fold ensemble's model averaging inside one model (issue #9)."""
+    network_overrides = {"ensemble_members": 4, "member_width": 0.5}
+
+
 class MedFlowSegTrainer_mimo2Repeat(MedFlowSegTrainer_mimo2):
     """Two MIMO subnetworks with input repetition 0.5 (half of the groups give both members the same row): each
     member better trained on a short budget, at the cost of diversity (issue #9: three members without repetition

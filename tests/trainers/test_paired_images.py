@@ -63,9 +63,10 @@ def test_train_step_updates_the_network(planned):
     assert len(changed) > 0.5 * len(before)
 
 
-def test_mimo_members_are_refused_because_this_step_does_not_group_rows(planned):
+@pytest.mark.parametrize("key", ["mimo_members", "ensemble_members"])
+def test_mimo_and_ensemble_members_are_refused_because_this_step_does_not_group_rows(planned, key):
     plans = tiny_network_plans(planned.plans)
     plans["flow_matching"] = {**plans.get("flow_matching", {}),
-                              "network": {**plans.get("flow_matching", {}).get("network", {}), "mimo_members": 2}}
-    with pytest.raises(UserError, match="mimo_members"):
+                              "network": {**plans.get("flow_matching", {}).get("network", {}), key: 2}}
+    with pytest.raises(UserError, match=key):
         MedFlowSegTrainer_pairedImages(plans, CONFIG, 0, planned.dataset_json, device=torch.device("cpu"))

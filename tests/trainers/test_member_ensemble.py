@@ -1,0 +1,76 @@
+"""Packed-ensemble training (``MedFlowSegTrainer_ensemble4``): the config's checks, the narrow members the plans
+build, a real train step that updates every member on its own rows, validation on the members' mean, and the
+saved plans rebuilding the same field for inference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medflowseg_nn.config import FlowMatchingConfig, NetworkOptions
+from medflowseg_nn.model import feature_map_size
+from medflowseg_nn.networks.member_ensemble import MemberEnsembleField
+from medflowseg_nn.trainers.variants import MedFlowSegTrainer_ensemble4
+from tests.trainers.test_train_and_validation_step import make_trainer, planned, real_batches  # noqa: F401
+
+
+def test_config_members_and_refusals():
+    net = NetworkOptions(ensemble_members=4)
+    assert net.members == 4 and net.member_width == 0.5 and NetworkOptions().members == 1
+    assert FlowMatchingConfig(network=net).build_time_sampler().group == 4
+    assert FlowMatchingConfig.from_dict(FlowMatchingConfig(network=net).to_dict()).network == net  # plans round trip
+    with pytest.raises(ValueError, match="cannot both"):
+        NetworkOptions(mimo_members=2, ensemble_members=2)
+    with pytest.raises(ValueError, match="member_width"):
+        NetworkOptions(ensemble_members=2, member_width=0.0)
+    with pytest.raises(ValueError, match=">= 1"):
+        NetworkOptions(ensemble_members=0)
+    with pytest.raises(ValueError, match="own_estimate_fraction 0 or 1"):
+        FlowMatchingConfig(own_estimate_fraction=0.5, network=net)
+
+
+def test_train_step_trains_every_narrow_member_on_its_own_rows(planned):
+    trainer = make_trainer(planned, MedFlowSegTrainer_ensemble4)
+    net = trainer.network
+    assert isinstance(net, MemberEnsembleField) and len(net.members) == 4
+    assert trainer.plans_manager.plans["flow_matching"]["network"]["ensemble_members"] == 4
+    planned_features = trainer.configuration_manager.network_arch_init_kwargs["features_per_stage"]
+    assert net.members[0].features == [max(1, round(f / 2)) for f in planned_features]
+    batch, val_batch = real_batches(trainer)
+    b = batch["data"].shape[0]
+    rows = []  # image rows each member sees per call
+    hooks = [m.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0])) for m in net.members]
+    before = [{k: v.detach().clone() for k, v in m.named_parameters()} for m in net.members]
+    torch.manual_seed(0)
+    loss = trainer.train_step(batch)["loss"]
+    for h in hooks:
+        h.remove()
+    assert np.isfinite(loss) and loss > 0
+    assert b in rows  # the flow's forward: every loaded row once per member (own-estimate calls may be fewer)
+    for member, old in zip(net.members, before):
+        changed = [k for k, v in member.named_parameters() if not torch.equal(v, old[k])]
+        assert len(changed) > 0.5 * len(old)
+    trainer.network.eval()
+    result = trainer.validation_step(val_batch)
+    assert np.isfinite(result["loss"]) and result["tp_hard"].shape == (2,)
+
+
+def test_the_saved_plans_rebuild_the_ensemble_and_count_its_memory(planned):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer
+    trainer = make_trainer(planned, MedFlowSegTrainer_ensemble4)
+    saved = PlansManager(trainer.plans_manager.plans)
+    cm = saved.get_configuration(trainer.configuration_name)
+    net = MedFlowSegTrainer.build_network_architecture(saved, cm, 1, 3, enable_deep_supervision=False)
+    assert isinstance(net, MemberEnsembleField) and len(net.members) == 4
+    net.load_state_dict(trainer.network.state_dict())
+    image = torch.randn(2, 1, *cm.patch_size)
+    with torch.no_grad():
+        out = net.eval()(image, None, torch.zeros(2))
+    assert out.shape == (2, 3, *image.shape[2:]) and torch.allclose(out.exp().sum(1), torch.ones(1), atol=1e-5)
+    options = trainer.flow_config.network
+    assert feature_map_size(cm, 1, 3, options) == int(net.compute_conv_feature_map_size(cm.patch_size))
+    one = feature_map_size(cm, 1, 3, NetworkOptions(**{**options.__dict__, "ensemble_members": 1}))
+    assert 1.5 * one < feature_map_size(cm, 1, 3, options) < 2.5 * one  # four half-width members ≈ twice one net
+
