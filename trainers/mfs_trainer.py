@@ -39,6 +39,7 @@ from medflowseg_nn.model import build_vector_field, check_memory_estimate
 from medflowseg_nn.pretrained import unwrap
 from medflowseg_nn.temperature import fit_validation_temperature
 from medflowseg_nn.trainers.label_definition import check_label_definition
+from medflowseg_nn.trainers.member_temperatures import calibrate_members
 from medflowseg_nn.trainers.micro_batches import accumulate_gradients, rows_of, rows_within
 from medflowseg_nn.trainers.mimo import check_mimo_label_space, mimo_batch
 from medflowseg_nn.trainers.validation_stats import hard_stats
@@ -105,10 +106,9 @@ class MedFlowSegTrainer(nnUNetTrainer):
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
-        """The vector field this class trains on these plans (nnU-Net calls it on the class or an instance).
-        Warns when its network needs more memory than the planner sized patch and batch for. The deep
-        supervision heads follow the plans (so a trained state dict always loads strictly);
-        ``enable_deep_supervision`` only switches their list output (nnU-Net's predictor passes False)."""
+        """The vector field this class trains on these plans (nnU-Net calls it on the class or an instance); warns
+        when it needs more memory than the planner sized patch and batch for. The deep supervision heads follow the
+        plans (a trained state dict loads strictly); ``enable_deep_supervision`` only switches their list output."""
         config = cls.resolved_flow_config(plans_manager.plans, configuration_manager)
         check_memory_estimate(plans_manager.plans, configuration_manager, num_input_channels, num_output_channels,
                               config.network)
@@ -128,9 +128,8 @@ class MedFlowSegTrainer(nnUNetTrainer):
                                 multilabel=regions, smoothing_sigma=c.label_smoothing_sigma, dice_weight=c.dice_weight)
 
     def _build_aux_seg_loss(self) -> Optional[nn.Module]:
-        """nnU-Net's deep-supervision loss (its ``DC_and_CE_loss`` / ``DC_and_BCE_loss`` for regions, its weights
-        and ignore-label handling) with the full-resolution weight 0 (the flow loss trains that output); ``None``
-        without deep supervision or when no auxiliary weight is left."""
+        """nnU-Net's deep-supervision loss (``DC_and_CE_loss`` / ``DC_and_BCE_loss`` for regions, its weights, ignore
+        label) with the full-resolution weight 0 (the flow loss trains it); ``None`` without DS or auxiliary weight."""
         if not self.enable_deep_supervision:
             return None
         nnunet_loss = super()._build_loss()
@@ -286,9 +285,10 @@ class MedFlowSegTrainer(nnUNetTrainer):
                                    f"{len(self._multistep_stats)} batches)", [round(d, 4) for d in dice])
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
-        """nnU-Net's final validation, run through :class:`MedFlowSegPredictor` (the plans' sampler, K = 1), then
-        the fold's temperature fitted on its probabilities (kept only with ``--npz``)."""
-        fit = self.fit_temperature and not self.label_manager.has_regions
+        """A packed ensemble's member temperatures (``trainers.member_temperatures``), nnU-Net's final validation
+        through :class:`MedFlowSegPredictor` (plans' sampler, K = 1), the fold's T on its probabilities (``--npz``)."""
+        if (fit := self.fit_temperature and not self.label_manager.has_regions):
+            calibrate_members(self)
         with nnunet_compat.validation_predictor(MedFlowSegPredictor):
             super().perform_actual_validation(save_probabilities or fit)
         if fit and self.local_rank == 0:

@@ -25,6 +25,12 @@ own shuffle of the batch, ``trainers.mimo``) and the samplers need nothing new:
 * **eval mode** — ``image`` ``[B, C, *S]``, ``x_t`` ``[N·B, K, *S]`` or ``None``, ``t`` ``[N·B]``: every member on
   the same input; the output is the members' mean probability as logits, ``log(1/M Σ_m softmax(raw_m))``
   ``[N·B, K, *S]`` (x1 parameterisation with softmax outputs only; the config refuses the rest).
+
+Member temperatures (buffer ``member_temperature`` ``[M]``, saved with the weights, 1 = off): in eval mode member m's
+logits are divided by its T_m before the average. Measured on the 2d CPU protocol (``benchmarks/RESULTS.md``
+2026-12-06 21:xx): one temperature fitted on the members' average leaves the test ECE at a single model's level,
+each member tempered on the validation cases first, then averaged, as ``mfs_predict`` averages tempered folds, is
+what brings an ensemble's calibration (``trainers.member_temperatures`` fits them after training).
 """
 from __future__ import annotations
 
@@ -85,6 +91,20 @@ class MemberEnsembleField(nn.Module):
             raise ValueError(f"the members' image / x_t channels differ: {sorted(channels)}")
         self.members = nn.ModuleList(members)
         self.input_channels, self.num_classes = channels.pop()
+        self.register_buffer("member_temperature", torch.ones(len(members)))
+
+    def set_member_temperatures(self, temperatures: Sequence[float]) -> None:
+        """Member m's logits are divided by ``temperatures[m]`` (> 0) in eval mode."""
+        values = torch.as_tensor(list(temperatures), dtype=self.member_temperature.dtype)
+        if values.shape != self.member_temperature.shape or not bool((values > 0).all()):
+            raise ValueError(f"need {len(self.members)} positive member temperatures, got {list(temperatures)}")
+        self.member_temperature.copy_(values)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        key = prefix + "member_temperature"
+        if key not in state_dict:  # weights saved before member temperatures existed: every member at T = 1
+            state_dict[key] = torch.ones_like(self.member_temperature)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def time_scaled_x_t(self) -> bool:
@@ -106,7 +126,7 @@ class MemberEnsembleField(nn.Module):
         """See the module docstring (training: row r to member r mod M; eval: every member, mean probability)."""
         m = len(self.members)
         if not self.training:
-            raws = [member(image, x_t, t) for member in self.members]
+            raws = [member(image, x_t, t) / self.member_temperature[i] for i, member in enumerate(self.members)]
             return mean_probability_logits(torch.cat(raws, 1), m)
         if image.shape[0] % m or (x_t is not None and x_t.shape[0] != image.shape[0]):
             raise ValueError(f"in training a member ensemble takes groups of {m} rows, one x_t row per image row; "

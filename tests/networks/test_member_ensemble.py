@@ -132,3 +132,32 @@ def test_refusals_and_attributes():
     assert not any(m.deep_supervision for m in net.members)
     one = int(net.members[0].compute_conv_feature_map_size([16, 20]))
     assert int(net.compute_conv_feature_map_size([16, 20])) == 2 * one
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_member_temperatures_divide_each_members_logits_before_the_average(dim):
+    net = ensemble("plain", dim, 2).eval()
+    image, x_t = inputs(dim, 2)
+    t = torch.tensor([0.0, 0.5])
+    net.set_member_temperatures([2.0, 0.5])
+    with torch.no_grad():
+        out = net(image, x_t, t)
+        by_hand = (torch.softmax(net.members[0](image, x_t, t) / 2.0, 1)
+                   + torch.softmax(net.members[1](image, x_t, t) / 0.5, 1)) / 2
+    assert torch.allclose(torch.softmax(out, 1), by_hand, atol=1e-5)
+    with pytest.raises(ValueError, match="positive member temperatures"):
+        net.set_member_temperatures([1.0, 0.0])
+    with pytest.raises(ValueError, match="2 positive"):
+        net.set_member_temperatures([1.0])
+
+
+def test_weights_saved_before_member_temperatures_load_with_every_member_at_one():
+    net = ensemble("plain", 2, 2)
+    net.set_member_temperatures([3.0, 2.0])
+    state = {k: v for k, v in net.state_dict().items() if k != "member_temperature"}
+    fresh = ensemble("plain", 2, 2)
+    fresh.set_member_temperatures([5.0, 5.0])
+    fresh.load_state_dict(state)  # strict: the missing buffer is filled in
+    assert fresh.member_temperature.tolist() == [1.0, 1.0]
+    fresh.load_state_dict(net.state_dict())
+    assert fresh.member_temperature.tolist() == [3.0, 2.0]

@@ -74,3 +74,34 @@ def test_the_saved_plans_rebuild_the_ensemble_and_count_its_memory(planned):
     one = feature_map_size(cm, 1, 3, NetworkOptions(**{**options.__dict__, "ensemble_members": 1}))
     assert 1.5 * one < feature_map_size(cm, 1, 3, options) < 2.5 * one  # four half-width members ≈ twice one net
 
+
+
+def test_member_temperatures_are_fitted_per_member_and_stored_in_the_final_checkpoint(planned):
+    import os
+
+    from medflowseg_nn.temperature import temperature_of_rows
+    from medflowseg_nn.trainers.member_temperatures import (calibrate_members, member_predictor, roi_rows,
+                                                             validation_cases)
+    from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer
+    assert calibrate_members(make_trainer(planned, MedFlowSegTrainer)) is None  # one network: nothing to fit
+    trainer = make_trainer(planned, MedFlowSegTrainer_ensemble4)
+    batch, _ = real_batches(trainer)
+    trainer.train_step(batch)
+    final = os.path.join(trainer.output_folder, "checkpoint_final.pth")
+    trainer.save_checkpoint(final)
+    temperatures = calibrate_members(trainer)
+    net = trainer.network
+    assert len(temperatures) == 4 and all(t > 0 for t in temperatures) and net.training
+    assert net.member_temperature.tolist() == pytest.approx(temperatures)
+    saved = torch.load(final, map_location="cpu", weights_only=False)["network_weights"]["member_temperature"]
+    assert saved.tolist() == pytest.approx(temperatures)
+    # member 1's T by hand: its own softmax on the fold's validation cases' ROI voxels
+    predictor = member_predictor(trainer, net.members[1].eval())
+    rows, labels = [], []
+    for _, data, reference in validation_cases(trainer):
+        probs = torch.softmax(predictor.predict_sliding_window_return_logits(data).float(), 0).numpy()
+        p, y = roi_rows(probs, reference, 3, None)
+        rows.append(p)
+        labels.append(y)
+    assert temperature_of_rows(np.concatenate(rows), np.concatenate(labels)) == pytest.approx(temperatures[1],
+                                                                                               rel=1e-3)

@@ -1,0 +1,115 @@
+"""Member temperatures of a packed ensemble (:mod:`medflowseg_nn.networks.member_ensemble`), fitted after training.
+
+Each member predicts the fold's validation cases alone, with the final validation's predictor settings (sliding
+window, Gaussian, the trainer's mirroring axes; one step), in nnU-Net's preprocessed geometry; its T minimises the
+NLL of the voxels of the reference's foreground dilated by ``roi_dilation`` (the ROI the fold temperature uses,
+:func:`medflowseg_nn.temperature.temperature_of_rows`; ignore-label voxels left out). The temperatures go into the
+network's ``member_temperature`` buffer and into ``checkpoint_final.pth``, so the final validation after it — and
+the fold temperature and top-label map fitted on that — and every prediction see the tempered members' average.
+Why the members one by one: one T on the average leaves one model's calibration, the members tempered before
+averaging bring the ensemble's (``benchmarks/RESULTS.md`` 2026-12-06, issue #9).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from medflowseg_nn.calibration import reference_roi
+from medflowseg_nn.networks.member_ensemble import MemberEnsembleField
+from medflowseg_nn.pretrained import unwrap
+from medflowseg_nn.temperature import temperature_of_rows
+
+logger = logging.getLogger(__name__)
+#: at most this many ROI voxels per member enter the fit (a seeded uniform subsample beyond)
+MAX_ROWS = 2_000_000
+
+
+def validation_cases(trainer: Any):
+    """``(identifier, data [C, *S] tensor, reference [*S] int64)`` of the trainer's fold validation cases,
+    preprocessed, with the previous stage's one-hot segmentation stacked on for a cascade (as nnU-Net validates)."""
+    from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
+    _, val_keys = trainer.do_split()
+    dataset = trainer.dataset_class(trainer.preprocessed_dataset_folder, val_keys,
+                                    folder_with_segs_from_previous_stage=trainer.folder_with_segs_from_previous_stage)
+    for key in dataset.identifiers:
+        data, seg, seg_prev, _ = dataset.load_case(key)
+        data = np.asarray(data[:])
+        if trainer.is_cascaded:
+            data = np.vstack((data, convert_labelmap_to_one_hot(np.asarray(seg_prev[:]),
+                                                                trainer.label_manager.foreground_labels,
+                                                                output_dtype=data.dtype)))
+        yield key, torch.from_numpy(data), np.asarray(seg[:])[0].astype(np.int64)
+
+
+def member_predictor(trainer: Any, member: torch.nn.Module):
+    """A :class:`MedFlowSegPredictor` of one member, with nnU-Net's final-validation settings."""
+    from medflowseg_nn.inference.predictor import MedFlowSegPredictor
+    predictor = MedFlowSegPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                    perform_everything_on_device=True, device=trainer.device, verbose=False,
+                                    allow_tqdm=False)
+    predictor.manual_initialization(member, trainer.plans_manager, trainer.configuration_manager, None,
+                                    trainer.dataset_json, type(trainer).__name__,
+                                    trainer.inference_allowed_mirroring_axes)
+    return predictor
+
+
+def roi_rows(probabilities: np.ndarray, reference: np.ndarray, roi_dilation: int,
+             ignore_label: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
+    """``probabilities [C, *S]`` and ``reference [*S]`` -> the ROI voxels' rows ``[N, C]`` and labels ``[N]``."""
+    valid = reference >= 0 if ignore_label is None else (reference >= 0) & (reference != ignore_label)
+    roi = reference_roi(np.where(valid, reference, 0), roi_dilation) & valid
+    return np.moveaxis(probabilities, 0, -1)[roi], reference[roi]
+
+
+def fit_member_temperatures(trainer: Any, roi_dilation: int = 3) -> Optional[list[float]]:
+    """Fit, set and return the member temperatures of ``trainer``'s packed ensemble (module docstring); ``None``
+    (nothing done) for any other network."""
+    field = unwrap(trainer.network)
+    if not isinstance(field, MemberEnsembleField):
+        return None
+    was_training = field.training
+    field.set_member_temperatures([1.0] * len(field.members))
+    field.eval()
+    rows: list[list[np.ndarray]] = [[] for _ in field.members]
+    labels: list[np.ndarray] = []
+    predictors = [member_predictor(trainer, member) for member in field.members]
+    for _, data, reference in validation_cases(trainer):
+        for m, predictor in enumerate(predictors):
+            logits = predictor.predict_sliding_window_return_logits(data).float().cpu()
+            p, y = roi_rows(torch.softmax(logits, 0).numpy(), reference, roi_dilation,
+                            trainer.label_manager.ignore_label)
+            rows[m].append(p)
+        labels.append(y)
+    y_all = np.concatenate(labels)
+    pick = np.sort(np.random.default_rng(0).choice(len(y_all), MAX_ROWS, replace=False)) \
+        if len(y_all) > MAX_ROWS else slice(None)
+    temperatures = [temperature_of_rows(np.concatenate(r)[pick], y_all[pick]) for r in rows]
+    field.set_member_temperatures(temperatures)
+    field.train(was_training)
+    logger.info("member temperatures %s fitted on %d ROI voxels of the fold's validation cases",
+                ", ".join(f"{t:.3f}" for t in temperatures), len(y_all))
+    return temperatures
+
+
+def calibrate_members(trainer: Any) -> Optional[list[float]]:
+    """:func:`fit_member_temperatures`, then (rank 0) the weights with them into the fold's
+    ``checkpoint_final.pth`` when it exists; ``None`` for a network that is not a packed ensemble."""
+    temperatures = fit_member_temperatures(trainer)
+    final = os.path.join(trainer.output_folder, "checkpoint_final.pth")
+    if temperatures is not None and trainer.local_rank == 0 and os.path.isfile(final):
+        store_network_weights(final, trainer.network)
+    return temperatures
+
+
+def store_network_weights(checkpoint: str, network: torch.nn.Module) -> None:
+    """Replace the network weights saved in ``checkpoint`` by ``network``'s state dict (written atomically; the
+    rest of the checkpoint — epoch, optimiser, logs — as it was)."""
+    content = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    content["network_weights"] = unwrap(network).state_dict()
+    tmp = f"{checkpoint}.tmp"
+    torch.save(content, tmp)
+    os.replace(tmp, checkpoint)
