@@ -105,3 +105,25 @@ def test_member_temperatures_are_fitted_per_member_and_stored_in_the_final_check
         labels.append(y)
     assert temperature_of_rows(np.concatenate(rows), np.concatenate(labels)) == pytest.approx(temperatures[1],
                                                                                                rel=1e-3)
+
+
+def test_training_then_final_validation_fits_members_then_the_fold(planned):
+    """run_training + perform_actual_validation as ``mfs_train`` calls them: the member temperatures land in
+    checkpoint_final.pth, the final validation and the fold temperature see the tempered members' average."""
+    import json
+    import os
+
+    from medflowseg_nn.trainers.variants import MedFlowSegTrainer_smoke
+
+    class EnsembleSmoke(MedFlowSegTrainer_ensemble4):
+        trainer_overrides = MedFlowSegTrainer_smoke.trainer_overrides
+        val_multistep_batches = 0
+
+    trainer = make_trainer(planned, EnsembleSmoke)
+    trainer.run_training()
+    trainer.perform_actual_validation(False)
+    stored = torch.load(os.path.join(trainer.output_folder, "checkpoint_final.pth"), map_location="cpu",
+                        weights_only=False)["network_weights"]["member_temperature"]
+    assert stored.tolist() == trainer.network.member_temperature.tolist() != [1.0] * 4
+    fitted = json.loads(open(os.path.join(trainer.output_folder, "temperature.json")).read())
+    assert 0.05 <= fitted["temperature"] <= 20
