@@ -8,8 +8,8 @@ reference foreground dilated by ``--roi_dilation`` (Dice = mean foreground Dice 
 
 * each member alone: raw, + its own T, + T + top-label map (fitted on the validation cases);
 * the packed model as trained (the members' plain average): raw, + one T, + T + map on the average;
-* **the product** (``trainers.member_temperatures`` + the fold calibration): each member tempered by its own T, the
-  tempered probabilities averaged, then the fold's T + map fitted on that average;
+* each member tempered by its own T, the tempered probabilities averaged — **the product**'s output (stage "raw":
+  ``trainers.member_temperatures``, no fold step after it) — and a fold T + map fitted again on that average;
 * each member T + map, then averaged (how ``value_recalibration`` scores a fold ensemble).
 
 Member disagreement: the share of ROI voxels where two models' argmax differ, averaged over pairs — the packed
@@ -82,7 +82,7 @@ def seed_rows(seed: int, args, bench) -> tuple[list[dict], dict]:
     own = [fit({c: m[c] for c in val}, d) for m in members]
     tempered = {c: (np.mean([apply_temperature(m[c][0], cal.temperature) for m, cal in zip(members, own)], 0),
                     whole[c][1]) for c in cases}
-    rows += stage_rows("product: members tempered, averaged, fold T + map", tempered, val, test, d)
+    rows += stage_rows("members tempered, averaged (raw = the product), fold T + map", tempered, val, test, d)
     for stage in STAGES:
         fns = [stage_fn(cal, stage) for cal in own]
         rows.append({"model": "members each T + map, averaged", "stage": stage, **score(

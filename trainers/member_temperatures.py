@@ -4,10 +4,15 @@ Each member predicts the fold's validation cases alone, with the final validatio
 window, Gaussian, the trainer's mirroring axes; one step), in nnU-Net's preprocessed geometry; its T minimises the
 NLL of the voxels of the reference's foreground dilated by ``roi_dilation`` (the ROI the fold temperature uses,
 :func:`medflowseg_nn.temperature.temperature_of_rows`; ignore-label voxels left out). The temperatures go into the
-network's ``member_temperature`` buffer and into ``checkpoint_final.pth``, so the final validation after it — and
-the fold temperature and top-label map fitted on that — and every prediction see the tempered members' average.
-Why the members one by one: one T on the average leaves one model's calibration, the members tempered before
-averaging bring the ensemble's (``benchmarks/RESULTS.md`` 2026-12-06, issue #9).
+network's ``member_temperature`` buffer and into ``checkpoint_final.pth``, so the final validation after it and
+every prediction see the tempered members' average. They are the model's whole post-hoc calibration: the trainer
+fits no fold temperature / top-label map on top (no ``temperature.json``).
+
+Measured on the 2d CPU protocol (``benchmarks/RESULTS.md`` 2026-12-06 21:xx, ``benchmarks/value_members.py``, two
+seeds, test ROI ECE): one T + map on the members' plain average 0.0113 / 0.0125 (a single nnU-Net model's level);
+members tempered, then averaged 0.0050 / 0.0054; a fold T + map fitted again on that average 0.0113 / 0.0125 (the
+second fit on the same 32 validation cases sharpens, T 0.87, and the test cases disagree); each member T + map,
+then averaged, 0.0016 / 0.0013 (needs per-member maps in the predictor, not built).
 """
 from __future__ import annotations
 

@@ -285,10 +285,10 @@ class MedFlowSegTrainer(nnUNetTrainer):
                                    f"{len(self._multistep_stats)} batches)", [round(d, 4) for d in dice])
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
-        """A packed ensemble's member temperatures (``trainers.member_temperatures``), nnU-Net's final validation
-        through :class:`MedFlowSegPredictor` (plans' sampler, K = 1), the fold's T on its probabilities (``--npz``)."""
-        if (fit := self.fit_temperature and not self.label_manager.has_regions):
-            calibrate_members(self)
+        """nnU-Net's final validation through :class:`MedFlowSegPredictor` (plans' sampler, K = 1), then the fold's T
+        on its probabilities (kept with ``--npz``); a packed ensemble's member temperatures instead, fitted first."""
+        fit = self.fit_temperature and not self.label_manager.has_regions
+        fit = fit and calibrate_members(self) is None  # no fold T + map on top of them (trainers.member_temperatures)
         with nnunet_compat.validation_predictor(MedFlowSegPredictor):
             super().perform_actual_validation(save_probabilities or fit)
         if fit and self.local_rank == 0:

@@ -27,10 +27,9 @@ own shuffle of the batch, ``trainers.mimo``) and the samplers need nothing new:
   ``[N·B, K, *S]`` (x1 parameterisation with softmax outputs only; the config refuses the rest).
 
 Member temperatures (buffer ``member_temperature`` ``[M]``, saved with the weights, 1 = off): in eval mode member m's
-logits are divided by its T_m before the average. Measured on the 2d CPU protocol (``benchmarks/RESULTS.md``
-2026-12-06 21:xx): one temperature fitted on the members' average leaves the test ECE at a single model's level,
-each member tempered on the validation cases first, then averaged, as ``mfs_predict`` averages tempered folds, is
-what brings an ensemble's calibration (``trainers.member_temperatures`` fits them after training).
+logits are divided by its T_m before the average — each member calibrated before averaging, as ``mfs_predict``
+averages tempered folds; one temperature on the plain average leaves one model's calibration (``benchmarks/
+RESULTS.md`` 2026-12-06; ``trainers.member_temperatures`` fits them after training).
 """
 from __future__ import annotations
 
