@@ -76,9 +76,7 @@ def fit_member_temperatures(trainer: Any, roi_dilation: int = 3) -> Optional[lis
     field = unwrap(trainer.network)
     if not isinstance(field, MemberEnsembleField):
         return None
-    was_training = field.training
-    field.set_member_temperatures([1.0] * len(field.members))
-    field.eval()
+    modes = [member.training for member in field.members]  # the predictors put the members in eval mode
     rows: list[list[np.ndarray]] = [[] for _ in field.members]
     labels: list[np.ndarray] = []
     predictors = [member_predictor(trainer, member) for member in field.members]
@@ -94,7 +92,8 @@ def fit_member_temperatures(trainer: Any, roi_dilation: int = 3) -> Optional[lis
         if len(y_all) > MAX_ROWS else slice(None)
     temperatures = [temperature_of_rows(np.concatenate(r)[pick], y_all[pick]) for r in rows]
     field.set_member_temperatures(temperatures)
-    field.train(was_training)
+    for member, mode in zip(field.members, modes):
+        member.train(mode)
     logger.info("member temperatures %s fitted on %d ROI voxels of the fold's validation cases",
                 ", ".join(f"{t:.3f}" for t in temperatures), len(y_all))
     return temperatures

@@ -91,7 +91,8 @@ def test_member_temperatures_are_fitted_per_member_and_stored_in_the_final_check
     trainer.save_checkpoint(final)
     temperatures = calibrate_members(trainer)
     net = trainer.network
-    assert len(temperatures) == 4 and all(t > 0 for t in temperatures) and net.training
+    assert len(temperatures) == 4 and all(t > 0 for t in temperatures)
+    assert net.training and all(m.training for m in net.members)  # left in the mode it was found in
     assert net.member_temperature.tolist() == pytest.approx(temperatures)
     saved = torch.load(final, map_location="cpu", weights_only=False)["network_weights"]["member_temperature"]
     assert saved.tolist() == pytest.approx(temperatures)
