@@ -8,38 +8,16 @@ from torch import nn
 
 from medflowseg_nn.networks.member_ensemble import (MemberEnsembleField, interleave, member_width_features,
                                                     scale_gradient)
-from medflowseg_nn.networks.residual_vector_field_unet import ResidualEncoderVectorFieldUNet
 from medflowseg_nn.networks.vector_field_unet import VectorFieldUNet
+from tests.networks.test_mimo import C_IMG, K, inputs, small_field
 
-C_IMG, K = 2, 3
 
-
-def field(kind: str, dim: int, seed: int, deep_supervision: bool = False, features=(4, 8, 16)) -> nn.Module:
-    conv, norm = (nn.Conv2d, nn.InstanceNorm2d) if dim == 2 else (nn.Conv3d, nn.InstanceNorm3d)
-    common = dict(n_stages=3, features_per_stage=list(features), conv_op=conv, kernel_sizes=[[3] * dim] * 3,
-                  strides=[[1] * dim] + [[2] * dim] * 2, n_conv_per_stage_decoder=[1, 1], conv_bias=True,
-                  norm_op=norm, norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
-                  nonlin_kwargs={"inplace": True}, time_embed_dim=16, time_scaled_x_t=True,
-                  deep_supervision=deep_supervision)
-    cls, blocks = ((ResidualEncoderVectorFieldUNet, {"n_blocks_per_stage": [1, 1, 1]}) if kind == "residual"
-                   else (VectorFieldUNet, {"n_conv_per_stage": [1, 1, 1]}))
-    torch.manual_seed(seed)
-    net = cls(C_IMG, K, **blocks, **common)
-    with torch.no_grad():  # zero-initialised projections perturbed, so every branch matters
-        for p in net.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(std=0.05)
-    return net
+def field(kind: str, dim: int, seed: int, deep_supervision: bool = False) -> nn.Module:
+    return small_field(kind, dim, C_IMG, K, seed, deep_supervision, features=(4, 8, 16))
 
 
 def ensemble(kind: str, dim: int, members: int, deep_supervision: bool = False) -> MemberEnsembleField:
     return MemberEnsembleField([field(kind, dim, seed, deep_supervision) for seed in range(members)])
-
-
-def inputs(dim: int, rows: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    spatial = (16, 20) if dim == 2 else (8, 12, 8)
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(rows, C_IMG, *spatial, generator=gen), torch.randn(rows, K, *spatial, generator=gen)
 
 
 def test_width_interleave_and_gradient_scale_by_hand():

@@ -14,22 +14,28 @@ from medflowseg_nn.networks.vector_field_unet import VectorFieldUNet
 C_IMG, K = 2, 3
 
 
-def mimo(kind: str, dim: int, members: int, deep_supervision: bool = False) -> MimoVectorField:
+def small_field(kind: str, dim: int, image_channels: int, classes: int, seed: int = 0,
+                deep_supervision: bool = False, features: tuple = (8, 16, 32)) -> nn.Module:
+    """A 3-stage field (plain or residual encoder) with its zero-initialised projections perturbed."""
     conv, norm = (nn.Conv2d, nn.InstanceNorm2d) if dim == 2 else (nn.Conv3d, nn.InstanceNorm3d)
-    common = dict(n_stages=3, features_per_stage=[8, 16, 32], conv_op=conv, kernel_sizes=[[3] * dim] * 3,
+    common = dict(n_stages=3, features_per_stage=list(features), conv_op=conv, kernel_sizes=[[3] * dim] * 3,
                   strides=[[1] * dim] + [[2] * dim] * 2, n_conv_per_stage_decoder=[1, 1], conv_bias=True,
                   norm_op=norm, norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
                   nonlin_kwargs={"inplace": True}, time_embed_dim=16, time_scaled_x_t=True,
                   deep_supervision=deep_supervision)
     cls, blocks = ((ResidualEncoderVectorFieldUNet, {"n_blocks_per_stage": [1, 1, 1]}) if kind == "residual"
                    else (VectorFieldUNet, {"n_conv_per_stage": [1, 1, 1]}))
-    torch.manual_seed(0)
-    inner = cls(members * C_IMG, members * K, **blocks, **common)
+    torch.manual_seed(seed)
+    net = cls(image_channels, classes, **blocks, **common)
     with torch.no_grad():  # zero-initialised projections perturbed, so every branch matters
-        for p in inner.parameters():
+        for p in net.parameters():
             if p.abs().sum() == 0:
                 p.normal_(std=0.05)
-    return MimoVectorField(inner, members)
+    return net
+
+
+def mimo(kind: str, dim: int, members: int, deep_supervision: bool = False) -> MimoVectorField:
+    return MimoVectorField(small_field(kind, dim, members * C_IMG, members * K, 0, deep_supervision), members)
 
 
 def inputs(dim: int, rows: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
