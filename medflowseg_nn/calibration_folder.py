@@ -29,7 +29,7 @@ from medflowseg_nn.calibration import (N_BINS, CalibrationAccumulator, expected_
                                        reference_roi, spearman)
 from medflowseg_nn.errors import UserError
 
-__all__ = ["read_reference", "read_probabilities", "case_rows", "folder_rows", "case_foreground_dice",
+__all__ = ["read_reference", "read_probabilities", "case_rows", "roi_rows", "folder_rows", "case_foreground_dice",
            "evaluate_probability_folder",
            "format_calibration_table"]
 SUM_TOLERANCE = 1e-2  # float16 files or rounding; logits would be far off
@@ -75,10 +75,19 @@ def case_rows(prob_file: str, ref_file: str, roi_dilation: int = 3,
         p = p.reshape(p.shape[0], *ref.shape)  # 2d: nnU-Net writes [C, 1, H, W] for an [H, W] reference
     if p.shape[1:] != ref.shape:
         raise UserError(f"{prob_file}: probabilities {p.shape} do not match the reference {ref_file} {ref.shape}")
-    keep = np.ones(ref.shape, bool) if ignore_label is None else ref != ignore_label
-    ref = np.where(keep, ref, 0)
+    return roi_rows(p, ref, roi_dilation, ignore_label)
+
+
+def roi_rows(probabilities: np.ndarray, reference: np.ndarray, roi_dilation: int = 3,
+             ignore_label: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """``probabilities [C, *S]`` and ``reference [*S]`` -> the ROI voxels as rows ``[N, C]`` and labels ``[N]``
+    int64: the reference's foreground dilated by ``roi_dilation`` voxels (cube), less the voxels with
+    ``ignore_label`` or a negative label (nnU-Net's preprocessed segmentations mark outside-the-mask voxels -1),
+    which count as background for the dilation."""
+    keep = reference >= 0 if ignore_label is None else (reference >= 0) & (reference != ignore_label)
+    ref = np.where(keep, reference, 0)
     roi = reference_roi(ref, roi_dilation) & keep
-    return np.moveaxis(p, 0, -1)[roi], ref[roi].astype(np.int64)
+    return np.moveaxis(probabilities, 0, -1)[roi], ref[roi].astype(np.int64)
 
 
 def folder_rows(prob_dir: str, ref_dir: str, file_ending: str = ".nii.gz", roi_dilation: int = 3,

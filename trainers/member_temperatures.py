@@ -23,14 +23,13 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from medflowseg_nn.calibration import reference_roi
+from medflowseg_nn.calibration_folder import roi_rows
 from medflowseg_nn.networks.member_ensemble import MemberEnsembleField
 from medflowseg_nn.pretrained import unwrap
+from medflowseg_nn.recalibration import cap_rows
 from medflowseg_nn.temperature import temperature_of_rows
 
 logger = logging.getLogger(__name__)
-#: at most this many ROI voxels per member enter the fit (a seeded uniform subsample beyond)
-MAX_ROWS = 2_000_000
 
 
 def validation_cases(trainer: Any):
@@ -62,14 +61,6 @@ def member_predictor(trainer: Any, member: torch.nn.Module):
     return predictor
 
 
-def roi_rows(probabilities: np.ndarray, reference: np.ndarray, roi_dilation: int,
-             ignore_label: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
-    """``probabilities [C, *S]`` and ``reference [*S]`` -> the ROI voxels' rows ``[N, C]`` and labels ``[N]``."""
-    valid = reference >= 0 if ignore_label is None else (reference >= 0) & (reference != ignore_label)
-    roi = reference_roi(np.where(valid, reference, 0), roi_dilation) & valid
-    return np.moveaxis(probabilities, 0, -1)[roi], reference[roi]
-
-
 def fit_member_temperatures(trainer: Any, roi_dilation: int = 3) -> Optional[list[float]]:
     """Fit, set and return the member temperatures of ``trainer``'s packed ensemble (module docstring); ``None``
     (nothing done) for any other network."""
@@ -87,10 +78,8 @@ def fit_member_temperatures(trainer: Any, roi_dilation: int = 3) -> Optional[lis
                             trainer.label_manager.ignore_label)
             rows[m].append(p)
         labels.append(y)
-    y_all = np.concatenate(labels)
-    pick = np.sort(np.random.default_rng(0).choice(len(y_all), MAX_ROWS, replace=False)) \
-        if len(y_all) > MAX_ROWS else slice(None)
-    temperatures = [temperature_of_rows(np.concatenate(r)[pick], y_all[pick]) for r in rows]
+    y_all = np.concatenate(labels)  # every member on the same voxels: the same seeded subsample beyond 2 million
+    temperatures = [temperature_of_rows(*cap_rows(np.concatenate(r), y_all)) for r in rows]
     field.set_member_temperatures(temperatures)
     for member, mode in zip(field.members, modes):
         member.train(mode)

@@ -79,9 +79,9 @@ def test_the_saved_plans_rebuild_the_ensemble_and_count_its_memory(planned):
 def test_member_temperatures_are_fitted_per_member_and_stored_in_the_final_checkpoint(planned):
     import os
 
+    from medflowseg_nn.calibration_folder import roi_rows
     from medflowseg_nn.temperature import temperature_of_rows
-    from medflowseg_nn.trainers.member_temperatures import (calibrate_members, member_predictor, roi_rows,
-                                                             validation_cases)
+    from medflowseg_nn.trainers.member_temperatures import calibrate_members, member_predictor, validation_cases
     from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer
     assert calibrate_members(make_trainer(planned, MedFlowSegTrainer)) is None  # one network: nothing to fit
     trainer = make_trainer(planned, MedFlowSegTrainer_ensemble4)
