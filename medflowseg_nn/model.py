@@ -20,7 +20,7 @@ from medflowseg_nn.networks.layers import conv_ndim
 from medflowseg_nn.networks.member_ensemble import MemberEnsembleField, member_width_features
 from medflowseg_nn.networks.mimo import MimoVectorField
 from medflowseg_nn.networks.residual_vector_field_unet import ResidualEncoderVectorFieldUNet
-from medflowseg_nn.networks.vector_field_unet import VectorFieldUNet
+from medflowseg_nn.networks.vector_field_unet import VectorFieldUNet, per_stage
 
 logger = logging.getLogger(__name__)
 
@@ -68,16 +68,12 @@ def network_for(kwargs: dict[str, Any], num_input_channels: int, num_output_chan
     cls = vector_field_class(kwargs)
     if network.ensemble_members > 1:
         narrow = {**kwargs, "features_per_stage": member_width_features(
-            _as_stage_list(kwargs["features_per_stage"], kwargs["n_stages"]), network.member_width)}
+            per_stage(kwargs["features_per_stage"], kwargs["n_stages"]), network.member_width)}
         return MemberEnsembleField([cls(num_input_channels, num_output_channels, **narrow)
                                     for _ in range(network.ensemble_members)])
     members = network.mimo_members
     field = cls(members * num_input_channels, members * num_output_channels, **kwargs)
     return MimoVectorField(field, members) if members > 1 else field
-
-
-def _as_stage_list(features: Any, n_stages: int) -> list[int]:
-    return list(features) if isinstance(features, (list, tuple)) else [int(features)] * n_stages
 
 
 def feature_map_size(configuration_manager: Any, num_input_channels: int, num_output_channels: int,

@@ -74,7 +74,8 @@ def repeat_batch(x: Tensor, times: int) -> Tensor:
     return x if times == 1 else x.repeat(times, *([1] * (x.ndim - 1)))
 
 
-def _as_list(v: IntOrSeq, n: int) -> list:
+def per_stage(v: IntOrSeq, n: int) -> list:
+    """An architecture keyword as one value per stage: a list / tuple as a list, a scalar repeated ``n`` times."""
     return list(v) if isinstance(v, (list, tuple)) else [v] * n
 
 
@@ -97,10 +98,10 @@ class VectorFieldUNet(nn.Module):
         super().__init__()
         #: the network sees ``t · x_t`` instead of x_t (see the module docstring)
         self.time_scaled_x_t = bool(time_scaled_x_t)
-        features = _as_list(features_per_stage, n_stages)
-        kernel_sizes, strides = _as_list(kernel_sizes, n_stages), _as_list(strides, n_stages)
-        n_conv_enc = _as_list(n_conv_per_stage, n_stages)
-        n_conv_dec = _as_list(n_conv_per_stage_decoder, n_stages - 1)
+        features = per_stage(features_per_stage, n_stages)
+        kernel_sizes, strides = per_stage(kernel_sizes, n_stages), per_stage(strides, n_stages)
+        n_conv_enc = per_stage(n_conv_per_stage, n_stages)
+        n_conv_dec = per_stage(n_conv_per_stage_decoder, n_stages - 1)
         self.input_channels, self.num_classes, self.n_stages = input_channels, num_classes, n_stages
         self.strides = [tuple(maybe_convert_scalar_to_list(conv_op, s)) for s in strides]
         self.features = features
