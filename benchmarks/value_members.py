@@ -34,21 +34,12 @@ import common as C  # noqa: E402
 STAGES = ("raw", "+ T", "+ T + map")
 
 
-def foreground_dice(probabilities: np.ndarray, reference: np.ndarray) -> float:
-    """Mean over the foreground labels of the argmax's Dice (1 where both are empty)."""
-    pred = probabilities.argmax(0)
-    out = []
-    for k in range(1, probabilities.shape[0]):
-        denom = np.sum(pred == k) + np.sum(reference == k)
-        out.append(1.0 if denom == 0 else 2 * np.sum((pred == k) & (reference == k)) / denom)
-    return float(np.mean(out))
-
-
 def stage_rows(name: str, probs: dict, val: Sequence[str], test: Sequence[str], dilation: int) -> list[dict]:
     """The three stages of one set of probabilities ``{case: (p, ref)}``: T + map fitted on ``val``."""
+    from medflowseg_nn.calibration_folder import argmax_foreground_dice
     from value_recalibration import fit, score, stage_fn
     calibration = fit({c: probs[c] for c in val}, dilation)
-    dice = float(np.mean([foreground_dice(*probs[c]) for c in test]))
+    dice = float(np.mean([argmax_foreground_dice(*probs[c]) for c in test]))
     return [{"model": name, "stage": stage, "T": calibration.temperature, "dice": dice,
              **score(test, lambda c, f=stage_fn(calibration, stage): (f(probs[c][0]), probs[c][1]), dilation)}
             for stage in STAGES]
@@ -57,8 +48,10 @@ def stage_rows(name: str, probs: dict, val: Sequence[str], test: Sequence[str], 
 def disagreement(models: Sequence[dict], test: Sequence[str], dilation: int) -> float:
     """Mean over model pairs and test cases of the ROI share where the two argmaxes differ."""
     from medflowseg_nn.calibration import reference_roi
-    return float(np.mean([np.mean([np.mean((a[c][0].argmax(0) != b[c][0].argmax(0))[reference_roi(a[c][1], dilation)])
-                                   for c in test]) for a, b in itertools.combinations(models, 2)]))
+    rois = {c: reference_roi(models[0][c][1], dilation) for c in test}
+    labels = [{c: m[c][0].argmax(0) for c in test} for m in models]
+    return float(np.mean([np.mean([np.mean((a[c] != b[c])[rois[c]]) for c in test])
+                          for a, b in itertools.combinations(labels, 2)]))
 
 
 def seed_rows(seed: int, args, bench) -> tuple[list[dict], dict]:

@@ -29,9 +29,8 @@ from medflowseg_nn.calibration import (N_BINS, CalibrationAccumulator, expected_
                                        reference_roi, spearman)
 from medflowseg_nn.errors import UserError
 
-__all__ = ["read_reference", "read_probabilities", "case_rows", "roi_rows", "folder_rows", "case_foreground_dice",
-           "evaluate_probability_folder",
-           "format_calibration_table"]
+__all__ = ["read_reference", "read_probabilities", "case_rows", "roi_rows", "argmax_foreground_dice", "folder_rows",
+           "case_foreground_dice", "evaluate_probability_folder", "format_calibration_table"]
 SUM_TOLERANCE = 1e-2  # float16 files or rounding; logits would be far off
 PER_CASE_KEYS = ("n_voxels", "accuracy", "ece", "brier", "nll", "aurc", "mean_entropy")
 
@@ -119,7 +118,9 @@ def case_foreground_dice(evaluation_result: dict, file_ending: str = ".nii.gz") 
     return out
 
 
-def _argmax_dice(probs: np.ndarray, ref: np.ndarray) -> float:
+def argmax_foreground_dice(probs: np.ndarray, ref: np.ndarray) -> float:
+    """Mean over the foreground classes of the Dice of ``probs [C, *S]``'s argmax against ``ref [*S]``
+    (``evaluation.dice``: 1 where both are empty)."""
     from medflowseg_nn.evaluation import dice
     seg = probs.argmax(0)
     return float(np.mean([dice(ref == c, seg == c) for c in range(1, probs.shape[0])]))
@@ -162,7 +163,7 @@ def evaluate_probability_folder(ref_dir: str, prob_dir: str, case_dice: Optional
             raise UserError(f"{ref_file} has label {int(ref.max())} but {npz} has only {probs.shape[0]} classes")
         roi = reference_roi(ref, roi_dilation)
         entropy = predictive_entropy(probs)
-        row: dict = {"dice_fg": case_dice[case] if case_dice is not None else _argmax_dice(probs, ref),
+        row: dict = {"dice_fg": case_dice[case] if case_dice is not None else argmax_foreground_dice(probs, ref),
                      "mean_entropy_all": float(entropy.mean()),
                      "mean_entropy_roi": float(entropy[roi].mean()) if roi.any() else float("nan"),
                      "expected_dice_error": expected_dice_error(probs, range(1, probs.shape[0]))}

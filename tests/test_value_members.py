@@ -1,5 +1,5 @@
-"""benchmarks/value_members.py: the foreground Dice, the member disagreement and the three recalibration stages it
-reports, on probabilities whose answers are known by hand."""
+"""benchmarks/value_members.py: the foreground Dice (``calibration_folder.argmax_foreground_dice``), the member
+disagreement and the three recalibration stages it reports, on probabilities whose answers are known by hand."""
 from __future__ import annotations
 
 import sys
@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from medflowseg_nn.calibration_folder import argmax_foreground_dice
 from tests.conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
@@ -17,11 +18,11 @@ def one_hot(labels: np.ndarray, c: int = 3) -> np.ndarray:
     return np.moveaxis(np.eye(c)[labels], -1, 0)
 
 
-def test_foreground_dice_by_hand():
+def test_the_argmax_foreground_dice_it_reports_by_hand():
     ref = np.array([[0, 1, 1, 2]])
     pred = one_hot(np.array([[0, 1, 2, 2]]))
-    assert value_members.foreground_dice(pred, ref) == pytest.approx((2 / 3 + 2 / 3) / 2)
-    assert value_members.foreground_dice(one_hot(np.zeros((1, 4), int)), np.zeros((1, 4), int)) == 1.0
+    assert argmax_foreground_dice(pred, ref) == pytest.approx((2 / 3 + 2 / 3) / 2)
+    assert argmax_foreground_dice(one_hot(np.zeros((1, 4), int)), np.zeros((1, 4), int)) == 1.0
 
 
 def test_disagreement_is_the_roi_share_of_differing_argmax_averaged_over_pairs():
