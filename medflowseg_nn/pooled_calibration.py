@@ -54,6 +54,10 @@ def _own_fit(fold_folder: str) -> dict:
     if own is None:
         raise UserError(f"{fold_folder} has no {TEMPERATURE_FILE}: its final validation fitted none (a "
                         f"region-based dataset, or a trainer with fit_temperature off) — nothing to pool")
+    if own.get("member_maps"):
+        raise UserError(f"{fold_folder} is a packed ensemble calibrated member by member (member_maps in its "
+                        f"{TEMPERATURE_FILE}); one pooled T + map of the average would replace that and was measured "
+                        f"worse (benchmarks/RESULTS.md 2026-12-06 20:17) — nothing to pool")
     return own
 
 

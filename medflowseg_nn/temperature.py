@@ -54,10 +54,31 @@ def apply_temperature(probabilities: np.ndarray, temperature: float, axis: int =
 
 @dataclass(frozen=True)
 class FoldCalibration:
-    """What a fold's ``temperature.json`` holds: T, and optionally the top-label map fitted after it."""
+    """What a fold's ``temperature.json`` holds: T, and optionally the top-label map fitted after it. A packed
+    ensemble's file holds ``member_maps`` instead (one top-label map per member, fitted after the member's own T,
+    which the network holds: :mod:`medflowseg_nn.trainers.member_temperatures`), with T = 1 and no map on the
+    average: the predictor maps each member before averaging (:mod:`medflowseg_nn.inference.member_calibration`)."""
 
     temperature: float
     top_label_map: Optional[TopLabelMap] = None
+    member_maps: tuple[TopLabelMap, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.member_maps and (self.temperature != 1.0 or self.top_label_map is not None):
+            raise UserError("a calibration with member maps has T = 1 and no map of the average (each member is "
+                            "tempered and mapped before the average)")
+
+    @property
+    def summary(self) -> str:
+        """One line for logs: ``T 1.630 + map`` (the knots left out)."""
+        extra = " + map" if self.top_label_map is not None else \
+            f" + {len(self.member_maps)} member maps" if self.member_maps else ""
+        return f"T {self.temperature:.3f}{extra}"
+
+    @property
+    def has_map(self) -> bool:
+        """Whether it changes probabilities beyond T (a top-label map, of the average or of each member)."""
+        return self.top_label_map is not None or bool(self.member_maps)
 
     def probabilities(self, probabilities: np.ndarray) -> np.ndarray:
         """``[C, *S]`` probabilities → recalibrated ones (T, then the map), float32."""
@@ -170,13 +191,16 @@ def fit_validation_temperature(fold_folder: str, gt_folder: str, file_ending: st
 
 
 def save_temperature(folder: str, temperature: float, fitted_on: dict,
-                     top_label_map: Optional[TopLabelMap] = None) -> str:
-    """Write ``folder/temperature.json`` ({"temperature", "fitted_on"[, "top_label_map"]}) atomically; returns its
-    path."""
+                     top_label_map: Optional[TopLabelMap] = None, member_maps: Sequence[TopLabelMap] = ()) -> str:
+    """Write ``folder/temperature.json`` ({"temperature", "fitted_on"[, "top_label_map"][, "member_maps"]})
+    atomically; returns its path."""
+    FoldCalibration(float(temperature), top_label_map, tuple(member_maps))  # refuses what it could not load
     path = os.path.join(folder, TEMPERATURE_FILE)
-    content = {"temperature": float(temperature), "fitted_on": fitted_on}
+    content: dict = {"temperature": float(temperature), "fitted_on": fitted_on}
     if top_label_map is not None:
         content["top_label_map"] = top_label_map.to_dict()
+    if member_maps:
+        content["member_maps"] = [m.to_dict() for m in member_maps]
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(content, f, indent=1)
@@ -201,6 +225,8 @@ def load_calibration(folder: str, sampler: Optional[dict] = None) -> Optional[Fo
         content = json.load(open(path))
         value = float(content["temperature"])
         mapped = TopLabelMap.from_dict(content["top_label_map"]) if content.get("top_label_map") else None
+        members = tuple(TopLabelMap.from_dict(m) for m in content.get("member_maps") or ())
+        calibration = FoldCalibration(value, mapped, members)
     except (ValueError, KeyError, TypeError, UserError) as e:
         raise UserError(f"{path} is not a temperature file ({e}); delete it or refit it") from e
     if not T_BOUNDS[0] <= value <= T_BOUNDS[1]:
@@ -211,8 +237,9 @@ def load_calibration(folder: str, sampler: Optional[dict] = None) -> Optional[Fo
                     sampler)
         return None
     pooled = fitted_on(content).get("pooled_folds")
-    logger.info("%s: T %.3f%s, fitted on %s", path, value, " + top-label map" if mapped else "",
+    logger.info("%s: T %.3f%s, fitted on %s", path, value, " + top-label map" if mapped else
+                f" + {len(members)} member maps" if members else "",
                 f"the pooled validations of {len(pooled)} folds (mfs_pool_calibration)" if pooled
                 else "this fold's validation")
-    return FoldCalibration(value, mapped)
+    return calibration
 

@@ -96,3 +96,7 @@ def test_errors_name_the_fold_and_the_fix(tmp_path):
     (f1 / "temperature.json").unlink()
     with pytest.raises(UserError, match="has no temperature.json"):
         fit_pooled_calibration([str(f0), str(f1)], gt)
+    from medflowseg_nn.recalibration import TopLabelMap
+    save_temperature(str(f1), 1.0, {"cases": [], "sampler": SAMPLER}, member_maps=[TopLabelMap((0.5,), (0.7,))] * 2)
+    with pytest.raises(UserError, match="packed ensemble calibrated member by member"):
+        fit_pooled_calibration([str(f0), str(f1)], gt)

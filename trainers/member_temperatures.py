@@ -1,18 +1,20 @@
-"""Member temperatures of a packed ensemble (:mod:`medflowseg_nn.networks.member_ensemble`), fitted after training.
+"""Member calibration of a packed ensemble (:mod:`medflowseg_nn.networks.member_ensemble`), fitted after training.
 
 Each member predicts the fold's validation cases alone, with the final validation's predictor settings (sliding
 window, Gaussian, the trainer's mirroring axes; one step), in nnU-Net's preprocessed geometry; its T minimises the
 NLL of the voxels of the reference's foreground dilated by ``roi_dilation`` (the ROI the fold temperature uses,
-:func:`medflowseg_nn.temperature.temperature_of_rows`; ignore-label voxels left out). The temperatures go into the
-network's ``member_temperature`` buffer and into ``checkpoint_final.pth``, so the final validation after it and
-every prediction see the tempered members' average. They are the model's whole post-hoc calibration: the trainer
-fits no fold temperature / top-label map on top (no ``temperature.json``).
+:func:`medflowseg_nn.temperature.temperature_of_rows`; ignore-label voxels left out), and its top-label map is
+fitted on the same voxels after T (:func:`medflowseg_nn.temperature.calibration_of_rows`). The temperatures go into
+the network's ``member_temperature`` buffer and into ``checkpoint_final.pth``, so the final validation after it and
+every prediction see the tempered members' average; the maps go into the fold's ``temperature.json``
+(``member_maps``, T = 1, for the final validation's sampler settings), which ``mfs_predict`` applies to each member
+before the average (:mod:`medflowseg_nn.inference.member_calibration`). No fold T / map of the average is fitted.
 
-Measured on the 2d CPU protocol (``benchmarks/RESULTS.md`` 2026-12-06 21:xx, ``benchmarks/value_members.py``, two
+Measured on the 2d CPU protocol (``benchmarks/RESULTS.md`` 2026-12-06 20:17, ``benchmarks/value_members.py``, two
 seeds, test ROI ECE): one T + map on the members' plain average 0.0113 / 0.0125 (a single nnU-Net model's level);
 members tempered, then averaged 0.0050 / 0.0054; a fold T + map fitted again on that average 0.0113 / 0.0125 (the
 second fit on the same 32 validation cases sharpens, T 0.87, and the test cases disagree); each member T + map,
-then averaged, 0.0016 / 0.0013 (needs per-member maps in the predictor, not built).
+then averaged, 0.0016 / 0.0013.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from medflowseg_nn.calibration_folder import roi_rows
 from medflowseg_nn.networks.member_ensemble import MemberEnsembleField
 from medflowseg_nn.pretrained import unwrap
 from medflowseg_nn.recalibration import cap_rows
-from medflowseg_nn.temperature import temperature_of_rows
+from medflowseg_nn.temperature import FoldCalibration, calibration_of_rows, save_temperature
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +63,9 @@ def member_predictor(trainer: Any, member: torch.nn.Module):
     return predictor
 
 
-def fit_member_temperatures(trainer: Any, roi_dilation: int = 3) -> Optional[list[float]]:
-    """Fit, set and return the member temperatures of ``trainer``'s packed ensemble (module docstring); ``None``
-    (nothing done) for any other network."""
+def fit_member_calibrations(trainer: Any, roi_dilation: int = 3) -> Optional[list[FoldCalibration]]:
+    """Fit each member's T and top-label map of ``trainer``'s packed ensemble, set the temperatures in the network
+    and return both (module docstring); ``None`` (nothing done) for any other network."""
     field = unwrap(trainer.network)
     if not isinstance(field, MemberEnsembleField):
         return None
@@ -79,23 +81,34 @@ def fit_member_temperatures(trainer: Any, roi_dilation: int = 3) -> Optional[lis
             rows[m].append(p)
         labels.append(y)
     y_all = np.concatenate(labels)  # every member on the same voxels: the same seeded subsample beyond 2 million
-    temperatures = [temperature_of_rows(*cap_rows(np.concatenate(r), y_all)) for r in rows]
-    field.set_member_temperatures(temperatures)
+    calibrations = [calibration_of_rows(*cap_rows(np.concatenate(r), y_all)) for r in rows]
+    field.set_member_temperatures([c.temperature for c in calibrations])
     for member, mode in zip(field.members, modes):
         member.train(mode)
-    logger.info("member temperatures %s fitted on %d ROI voxels of the fold's validation cases",
-                ", ".join(f"{t:.3f}" for t in temperatures), len(y_all))
-    return temperatures
+    logger.info("member temperatures %s and top-label maps fitted on %d ROI voxels of the fold's validation cases",
+                ", ".join(f"{c.temperature:.3f}" for c in calibrations), len(y_all))
+    return calibrations
 
 
-def calibrate_members(trainer: Any) -> Optional[list[float]]:
-    """:func:`fit_member_temperatures`, then (rank 0) the weights with them into the fold's
-    ``checkpoint_final.pth`` when it exists; ``None`` for a network that is not a packed ensemble."""
-    temperatures = fit_member_temperatures(trainer)
+def calibrate_members(trainer: Any, roi_dilation: int = 3) -> Optional[list[FoldCalibration]]:
+    """:func:`fit_member_calibrations`, then (rank 0) the weights with the temperatures into the fold's
+    ``checkpoint_final.pth`` when it exists and the member maps into the fold's ``temperature.json``; ``None`` for
+    a network that is not a packed ensemble."""
+    from medflowseg_nn.inference.predictor import MedFlowSegPredictor
+    calibrations = fit_member_calibrations(trainer, roi_dilation)
+    if calibrations is None or trainer.local_rank != 0:
+        return calibrations
     final = os.path.join(trainer.output_folder, "checkpoint_final.pth")
-    if temperatures is not None and trainer.local_rank == 0 and os.path.isfile(final):
+    if os.path.isfile(final):
         store_network_weights(final, trainer.network)
-    return temperatures
+    _, val_keys = trainer.do_split()
+    sampler = MedFlowSegPredictor.sampler_settings(trainer.flow_config.solver_config(), 1)
+    save_temperature(trainer.output_folder, 1.0, {
+        "cases": sorted(val_keys), "roi_dilation": roi_dilation, "objective": "NLL in the reference ROI, per member",
+        "member_temperatures": [c.temperature for c in calibrations], "sampler": sampler,
+        "top_label_map": "isotonic, per member after its T, in the reference ROI"},
+        member_maps=[c.top_label_map for c in calibrations])
+    return calibrations
 
 
 def store_network_weights(checkpoint: str, network: torch.nn.Module) -> None:

@@ -286,7 +286,7 @@ class MedFlowSegTrainer(nnUNetTrainer):
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         """nnU-Net's final validation through :class:`MedFlowSegPredictor` (plans' sampler, K = 1), then the fold's T
-        on its probabilities (kept with ``--npz``); a packed ensemble's member temperatures instead, fitted first."""
+        on its probabilities (kept with ``--npz``); a packed ensemble's member T + maps instead, fitted first."""
         fit = self.fit_temperature and not self.label_manager.has_regions
         fit = fit and calibrate_members(self) is None  # no fold T + map on top of them (trainers.member_temperatures)
         with nnunet_compat.validation_predictor(MedFlowSegPredictor):

@@ -27,6 +27,7 @@ from medflowseg_nn import nnunet_compat
 from medflowseg_nn.config import FlowMatchingConfig
 from medflowseg_nn.errors import UserError
 from medflowseg_nn.flow.solver import SolverConfig
+from medflowseg_nn.inference.member_calibration import check_member_maps, member_field, predict_members
 from medflowseg_nn.inference.model_samples import dropout_layers
 from medflowseg_nn.inference.sampler import HYPOTHESES, FlowSegmenter
 from medflowseg_nn.inference.sliding_window import CasePrediction, stitch_patches
@@ -171,24 +172,34 @@ class MedFlowSegPredictor(nnUNetPredictor):
         """``data [C_img, *S]`` (preprocessed) → :class:`CasePrediction` on the CPU: logits averaged over the
         folds' weights (nnU-Net's fold ensemble) and, if requested, the disagreement of the members: the K samples
         of one fold, or with F folds the F·K (fold, sample) segmentations (their class votes summed over folds);
-        ``with_mapped``: also the mapped logits where every fold has a top-label map (for exported probabilities)."""
+        ``with_mapped``: also the mapped logits where every fold has a top-label map (for exported probabilities).
+        A packed ensemble whose calibration holds member maps predicts each member alone, mapped before the average
+        (:mod:`medflowseg_nn.inference.member_calibration`); its disagreement is then over (member, sample)."""
         n_threads = torch.get_num_threads()
         torch.set_num_threads(min(default_num_processes, n_threads))
         folds = len(self.list_of_parameters)
-        with_votes = with_disagreement and folds > 1
         calibrations = [self.fold_calibrations[i] if i < len(self.fold_calibrations) else None for i in range(folds)]
+        packed = member_field(self.segmenter)
+        member_maps = [c.member_maps if c is not None and packed is not None else () for c in calibrations]
+        with_votes = with_disagreement and (folds > 1 or any(member_maps))
         # mapped logits only where every fold has its map (else the export uses T alone)
-        with_mapped = with_mapped and all(c is not None and c.top_label_map is not None for c in calibrations)
+        with_mapped = with_mapped and all(c is not None and (c.top_label_map is not None or bool(maps))
+                                          for c, maps in zip(calibrations, member_maps))
         try:
-            logits, disagreement, votes, mapped = None, None, None, None
-            for params, calibration in zip(self.list_of_parameters, calibrations):
+            logits, disagreement, votes, mapped, members = None, None, None, None, 0
+            for params, calibration, maps in zip(self.list_of_parameters, calibrations, member_maps):
                 self.load_parameters(params)
-                one = self._predict_one_model(data, with_disagreement, with_votes)
+                if maps:  # each member stitched and mapped before the average (inference.member_calibration)
+                    one = predict_members(lambda: self._predict_one_model(data, with_disagreement, with_votes),
+                                          packed, maps)
+                else:
+                    one = self._predict_one_model(data, with_disagreement, with_votes)
+                members += self.segmenter.num_samples * max(len(maps), 1)
                 fold_logits = one.logits.to("cpu")
                 if calibration is not None:
                     fold_logits = calibration.scaled(fold_logits)
                 if with_mapped:
-                    fold_mapped = calibration.mapped(fold_logits)
+                    fold_mapped = one.mapped if maps else calibration.mapped(fold_logits)
                     mapped = fold_mapped if mapped is None else mapped + fold_mapped
                 logits = fold_logits if logits is None else logits + fold_logits
                 disagreement = one.disagreement
@@ -200,7 +211,6 @@ class MedFlowSegPredictor(nnUNetPredictor):
         finally:
             torch.set_num_threads(n_threads)
         if with_votes:
-            members = folds * self.segmenter.num_samples
             disagreement = mask_votes_disagreement(votes, members).mean(0) if self.segmenter.multilabel \
                 else votes_disagreement(votes, members)
         return CasePrediction(logits, disagreement, mapped=mapped)
@@ -254,5 +264,7 @@ class MedFlowSegPredictor(nnUNetPredictor):
         self.fold_calibrations = [
             load_calibration(join(model_training_output_dir, f"fold_{f}"), settings)
             if self.use_temperature and not self.label_manager.has_regions else None for f in use_folds]
+        check_member_maps(member_field(self.segmenter), self.fold_calibrations, model_training_output_dir)
         logger.info("loaded %s (%s, folds %s) with %s; calibrations %s", model_training_output_dir,
-                    checkpoint["trainer_name"], list(use_folds), self.segmenter.solver, self.fold_calibrations)
+                    checkpoint["trainer_name"], list(use_folds), self.segmenter.solver,
+                    [c if c is None else c.summary for c in self.fold_calibrations])

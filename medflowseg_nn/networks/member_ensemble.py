@@ -30,10 +30,16 @@ Member temperatures (buffer ``member_temperature`` ``[M]``, saved with the weigh
 logits are divided by its T_m before the average — each member calibrated before averaging, as ``mfs_predict``
 averages tempered folds; one temperature on the plain average leaves one model's calibration (``benchmarks/
 RESULTS.md`` 2026-12-06; ``trainers.member_temperatures`` fits them after training).
+
+One member alone (:meth:`MemberEnsembleField.single_member`, eval mode): the output is member m's own logits
+``raw_m`` ``[N·B, K, *S]`` (untempered), so that the predictor can stitch each member on its own and apply its T and
+top-label map to the stitched case, as they were fitted, before averaging, as it does with folds
+(:mod:`medflowseg_nn.inference.member_calibration`).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -80,6 +86,8 @@ class MemberEnsembleField(nn.Module):
     accepts_prior_free = True
     #: in eval mode one image batch serves N samples' x_t (each member repeats it)
     shares_image_across_samples = True
+    #: eval mode: ``None`` = the members' tempered average; an index = that member's own logits alone
+    member_index: Optional[int] = None
 
     def __init__(self, members: Sequence[nn.Module]):
         super().__init__()
@@ -98,6 +106,17 @@ class MemberEnsembleField(nn.Module):
         if values.shape != self.member_temperature.shape or not bool((values > 0).all()):
             raise ValueError(f"need {len(self.members)} positive member temperatures, got {list(temperatures)}")
         self.member_temperature.copy_(values)
+
+    @contextmanager
+    def single_member(self, index: int) -> Iterator["MemberEnsembleField"]:
+        """Within the block, eval-mode outputs are member ``index``'s own logits alone (module docstring)."""
+        if not 0 <= index < len(self.members):
+            raise ValueError(f"member {index} of a {len(self.members)}-member ensemble")
+        previous, self.member_index = self.member_index, index
+        try:
+            yield self
+        finally:
+            self.member_index = previous
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         key = prefix + "member_temperature"
@@ -124,6 +143,8 @@ class MemberEnsembleField(nn.Module):
     def forward(self, image: Tensor, x_t: Optional[Tensor], t: Tensor) -> Output:
         """See the module docstring (training: row r to member r mod M; eval: every member, mean probability)."""
         m = len(self.members)
+        if not self.training and self.member_index is not None:
+            return self.members[self.member_index](image, x_t, t)
         if not self.training:
             raws = [member(image, x_t, t) / self.member_temperature[i] for i, member in enumerate(self.members)]
             return mean_probability_logits(torch.cat(raws, 1), m)

@@ -76,11 +76,12 @@ def test_the_saved_plans_rebuild_the_ensemble_and_count_its_memory(planned):
 
 
 
-def test_member_temperatures_are_fitted_per_member_and_stored_in_the_final_checkpoint(planned):
+def test_member_calibrations_are_fitted_per_member_and_stored_with_the_fold(planned):
     import os
 
     from medflowseg_nn.calibration_folder import roi_rows
-    from medflowseg_nn.temperature import temperature_of_rows
+    from medflowseg_nn.temperature import apply_temperature, load_calibration, temperature_of_rows
+    from medflowseg_nn.recalibration import top_label_map_of_rows
     from medflowseg_nn.trainers.member_temperatures import calibrate_members, member_predictor, validation_cases
     from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer
     assert calibrate_members(make_trainer(planned, MedFlowSegTrainer)) is None  # one network: nothing to fit
@@ -89,14 +90,18 @@ def test_member_temperatures_are_fitted_per_member_and_stored_in_the_final_check
     trainer.train_step(batch)
     final = os.path.join(trainer.output_folder, "checkpoint_final.pth")
     trainer.save_checkpoint(final)
-    temperatures = calibrate_members(trainer)
+    calibrations = calibrate_members(trainer)
+    temperatures = [c.temperature for c in calibrations]
     net = trainer.network
     assert len(temperatures) == 4 and all(t > 0 for t in temperatures)
     assert net.training and all(m.training for m in net.members)  # left in the mode it was found in
     assert net.member_temperature.tolist() == pytest.approx(temperatures)
     saved = torch.load(final, map_location="cpu", weights_only=False)["network_weights"]["member_temperature"]
     assert saved.tolist() == pytest.approx(temperatures)
-    # member 1's T by hand: its own softmax on the fold's validation cases' ROI voxels
+    stored = load_calibration(trainer.output_folder, {"steps": 1, "solver": "euler", "num_samples": 1})
+    assert stored.temperature == 1.0 and stored.top_label_map is None
+    assert stored.member_maps == tuple(c.top_label_map for c in calibrations)
+    # member 1's T and map by hand: its own softmax on the fold's validation cases' ROI voxels
     predictor = member_predictor(trainer, net.members[1].eval())
     rows, labels = [], []
     for _, data, reference in validation_cases(trainer):
@@ -104,15 +109,21 @@ def test_member_temperatures_are_fitted_per_member_and_stored_in_the_final_check
         p, y = roi_rows(probs, reference, 3, None)
         rows.append(p)
         labels.append(y)
-    assert temperature_of_rows(np.concatenate(rows), np.concatenate(labels)) == pytest.approx(temperatures[1],
-                                                                                               rel=1e-3)
+    rows, labels = np.concatenate(rows), np.concatenate(labels)
+    assert temperature_of_rows(rows, labels) == pytest.approx(temperatures[1], rel=1e-3)
+    by_hand = top_label_map_of_rows(apply_temperature(rows, temperatures[1], axis=1), labels)
+    assert np.allclose(by_hand.confidence, calibrations[1].top_label_map.confidence, atol=1e-3)
 
 
-def test_training_then_final_validation_fits_members_then_the_fold(planned):
+def test_training_then_final_validation_fits_members_and_the_predictor_maps_each(planned):
     """run_training + perform_actual_validation as ``mfs_train`` calls them: the member temperatures land in
-    checkpoint_final.pth and the final validation sees the tempered members' average."""
+    checkpoint_final.pth, the member maps in temperature.json, and ``mfs_predict``'s predictor applies each member's
+    map before the average."""
     import os
 
+    from medflowseg_nn.inference.predictor import MedFlowSegPredictor
+    from medflowseg_nn.recalibration import apply_top_label_map
+    from medflowseg_nn.trainers.member_temperatures import member_predictor, validation_cases
     from medflowseg_nn.trainers.variants import MedFlowSegTrainer_smoke
 
     class EnsembleSmoke(MedFlowSegTrainer_ensemble4):
@@ -125,6 +136,17 @@ def test_training_then_final_validation_fits_members_then_the_fold(planned):
     stored = torch.load(os.path.join(trainer.output_folder, "checkpoint_final.pth"), map_location="cpu",
                         weights_only=False)["network_weights"]["member_temperature"]
     assert stored.tolist() == trainer.network.member_temperature.tolist() != [1.0] * 4
-    # the member temperatures are the model's calibration: no fold T + map fitted on top of them
-    assert not os.path.exists(os.path.join(trainer.output_folder, "temperature.json"))
     assert os.path.isfile(os.path.join(trainer.output_folder, "validation", "summary.json"))
+    predictor = MedFlowSegPredictor(use_mirroring=True, device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(os.path.dirname(trainer.output_folder), [trainer.fold])
+    maps = predictor.fold_calibrations[0].member_maps
+    assert len(maps) == 4 and predictor.fold_calibrations[0].temperature == 1.0  # no fold T on the average
+    _, data, _ = next(iter(validation_cases(trainer)))
+    out = predictor.predict_case(data, with_disagreement=True, with_mapped=True)
+    net = trainer.network.eval()
+    members = [torch.softmax(member_predictor(trainer, m).predict_sliding_window_return_logits(data).float() / T, 0)
+               for m, T in zip(net.members, net.member_temperature.tolist())]
+    assert torch.allclose(out.logits.exp(), sum(members) / 4, atol=1e-4)
+    assert torch.allclose(out.mapped.exp(), sum(apply_top_label_map(p, m) for p, m in zip(members, maps)) / 4,
+                          atol=1e-4)
+    assert out.disagreement.shape == data.shape[1:] and 0 <= float(out.disagreement.min())
