@@ -51,10 +51,11 @@ def validation_cases(trainer: Any):
         yield key, torch.from_numpy(data), np.asarray(seg[:])[0].astype(np.int64)
 
 
-def member_predictor(trainer: Any, member: torch.nn.Module):
-    """A :class:`MedFlowSegPredictor` of one member, with nnU-Net's final-validation settings."""
+def member_predictor(trainer: Any, member: torch.nn.Module, use_mirroring: bool = True):
+    """A :class:`MedFlowSegPredictor` of one member, with nnU-Net's final-validation settings (``use_mirroring``
+    False: without its mirroring, e.g. for a benchmark that predicts without TTA)."""
     from medflowseg_nn.inference.predictor import MedFlowSegPredictor
-    predictor = MedFlowSegPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+    predictor = MedFlowSegPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,
                                     perform_everything_on_device=True, device=trainer.device, verbose=False,
                                     allow_tqdm=False)
     predictor.manual_initialization(member, trainer.plans_manager, trainer.configuration_manager, None,
@@ -63,16 +64,18 @@ def member_predictor(trainer: Any, member: torch.nn.Module):
     return predictor
 
 
-def fit_member_calibrations(trainer: Any, roi_dilation: int = 3) -> Optional[list[FoldCalibration]]:
+def fit_member_calibrations(trainer: Any, roi_dilation: int = 3,
+                            use_mirroring: bool = True) -> Optional[list[FoldCalibration]]:
     """Fit each member's T and top-label map of ``trainer``'s packed ensemble, set the temperatures in the network
-    and return both (module docstring); ``None`` (nothing done) for any other network."""
+    and return both (module docstring; ``use_mirroring`` as :func:`member_predictor`); ``None`` (nothing done) for
+    any other network."""
     field = unwrap(trainer.network)
     if not isinstance(field, MemberEnsembleField):
         return None
     modes = [member.training for member in field.members]  # the predictors put the members in eval mode
     rows: list[list[np.ndarray]] = [[] for _ in field.members]
     labels: list[np.ndarray] = []
-    predictors = [member_predictor(trainer, member) for member in field.members]
+    predictors = [member_predictor(trainer, member, use_mirroring) for member in field.members]
     for _, data, reference in validation_cases(trainer):
         for m, predictor in enumerate(predictors):
             logits = predictor.predict_sliding_window_return_logits(data).float().cpu()
