@@ -7,15 +7,16 @@ member temperatures and maps were fitted on each member's stitched predictions o
 (:mod:`medflowseg_nn.trainers.member_temperatures`), so here each member is stitched on its own (every tile and
 mirroring, as the predictor does for a fold), its stitched logits divided by its T (the network's
 ``member_temperature``), its probabilities mapped by its map (:mod:`medflowseg_nn.recalibration`), and the members'
-probabilities averaged — the calibration applied to what it was fitted on. (The joint pass applies T per tile before
-stitching, which averages probabilities over the samples; for one step and K = 1 the two agree up to the stitching's
-own nonlinearity.) Measured on the cached members of the 2d CPU protocol (2026-12-06, two seeds): test ROI ECE
-0.0016 / 0.0013 against 0.0050 / 0.0054 with member temperatures only.
+probabilities averaged — the calibration applied to what it was fitted on (the joint pass without maps applies T
+inside the network, per tile; on the 2d protocol both give the same test Dice to four decimals). Measured end to end
+(``benchmarks/value_product.py``, RESULTS 2026-12-06 23:12, two seeds): test ROI ECE 0.0016 / 0.0013 against
+0.0051 / 0.0054 with member temperatures only and 0.0034 for nnU-Net's 3-fold ensemble.
 
 What the predictor gets, per fold (:class:`~medflowseg_nn.inference.sliding_window.CasePrediction`, on the CPU):
-``logits`` = log of the members' mean tempered probability (the segmentation), ``mapped`` = log of the members' mean mapped probability (the exported probabilities), and,
-when asked, ``votes`` summed over the members' K samples for the (member, sample) disagreement. The network's
-compute is the same as the joint pass (each member runs once per tile); only the stitching is repeated per member.
+``logits`` = log of the members' mean tempered probability (the segmentation), ``mapped`` = log of the members'
+mean mapped probability (the exported probabilities), and, when asked, ``votes`` summed over the members' K samples
+for the (member, sample) disagreement. The network's compute is the same as the joint pass (each member runs once
+per tile); only the stitching is repeated per member.
 """
 from __future__ import annotations
 
