@@ -96,10 +96,20 @@ def fit_member_calibrations(trainer: Any, roi_dilation: int = 3,
 def calibrate_members(trainer: Any, roi_dilation: int = 3) -> Optional[list[FoldCalibration]]:
     """:func:`fit_member_calibrations`, then (rank 0) the weights with the temperatures into the fold's
     ``checkpoint_final.pth`` when it exists and the member maps into the fold's ``temperature.json``; ``None`` for
-    a network that is not a packed ensemble."""
+    a network that is not a packed ensemble. Under DDP (every rank calls it) rank 0 fits and broadcasts the result
+    (``torch.distributed.broadcast_object_list``), so no rank repeats the member predictions and all hold the same
+    temperatures for the final validation."""
     from medflowseg_nn.inference.predictor import MedFlowSegPredictor
-    calibrations = fit_member_calibrations(trainer, roi_dilation)
-    if calibrations is None or trainer.local_rank != 0:
+    field = unwrap(trainer.network)
+    if not isinstance(field, MemberEnsembleField):
+        return None
+    calibrations = fit_member_calibrations(trainer, roi_dilation) if trainer.local_rank == 0 else None
+    if trainer.is_ddp:
+        box = [calibrations]
+        torch.distributed.broadcast_object_list(box, src=0)
+        calibrations = box[0]
+        field.set_member_temperatures([c.temperature for c in calibrations])
+    if trainer.local_rank != 0:
         return calibrations
     final = os.path.join(trainer.output_folder, "checkpoint_final.pth")
     if os.path.isfile(final):

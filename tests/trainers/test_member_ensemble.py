@@ -150,3 +150,26 @@ def test_training_then_final_validation_fits_members_and_the_predictor_maps_each
     assert torch.allclose(out.mapped.exp(), sum(apply_top_label_map(p, m) for p, m in zip(members, maps)) / 4,
                           atol=1e-4)
     assert out.disagreement.shape == data.shape[1:] and 0 <= float(out.disagreement.min())
+
+
+def test_under_ddp_rank_0_fits_and_the_other_ranks_take_its_broadcast(planned, monkeypatch):
+    import os
+
+    from medflowseg_nn.recalibration import TopLabelMap
+    from medflowseg_nn.temperature import FoldCalibration
+    from medflowseg_nn.trainers import member_temperatures
+    fitted = [FoldCalibration(1.0 + m / 10, TopLabelMap((0.5,), (0.7,))) for m in range(4)]
+    sent = []
+
+    def broadcast(box, src):  # what rank 0 sends arrives in every rank's box
+        assert src == 0
+        sent.append(box[0])
+        box[0] = fitted
+
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast)
+    monkeypatch.setattr(member_temperatures, "fit_member_calibrations", lambda *a: pytest.fail("rank 1 fitted"))
+    trainer = make_trainer(planned, MedFlowSegTrainer_ensemble4)
+    trainer.is_ddp, trainer.local_rank = True, 1
+    assert member_temperatures.calibrate_members(trainer) == fitted and sent == [None]
+    assert trainer.network.member_temperature.tolist() == pytest.approx([1.0, 1.1, 1.2, 1.3])
+    assert not os.path.exists(os.path.join(trainer.output_folder, "temperature.json"))  # rank 0 writes
