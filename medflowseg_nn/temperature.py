@@ -81,7 +81,11 @@ class FoldCalibration:
         return self.top_label_map is not None or bool(self.member_maps)
 
     def probabilities(self, probabilities: np.ndarray) -> np.ndarray:
-        """``[C, *S]`` probabilities → recalibrated ones (T, then the map), float32."""
+        """``[C, *S]`` probabilities → recalibrated ones (T, then the map), float32. Member maps cannot be applied to
+        an average (the predictor applies them member by member): refused."""
+        if self.member_maps:
+            raise UserError("member maps apply to each member before the average "
+                            "(medflowseg_nn.inference.member_calibration), not to averaged probabilities")
         p = apply_temperature(probabilities, self.temperature)
         return p if self.top_label_map is None else apply_top_label_map_np(p, self.top_label_map)
 

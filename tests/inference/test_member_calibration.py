@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,6 +80,8 @@ def test_member_maps_round_trip_through_temperature_json_and_are_refused_beside_
     assert loaded == FoldCalibration(1.0, None, MAPS) and loaded.has_map and not FoldCalibration(1.2).has_map
     assert loaded.summary == "T 1.000 + 3 member maps" and FoldCalibration(1.2, MAPS[0]).summary == "T 1.200 + map"
     assert load_calibration(str(tmp_path), {"steps": 2}) is None  # fitted for other sampler settings
+    with pytest.raises(UserError, match="before the average"):
+        loaded.probabilities(np.full((3, 2, 2), 1 / 3, np.float32))
     with pytest.raises(UserError, match="T = 1"):
         save_temperature(str(tmp_path), 1.2, {}, member_maps=MAPS)
     content = json.load(open(tmp_path / "temperature.json"))

@@ -3,6 +3,8 @@ build, a real train step that updates every member on its own rows, validation o
 saved plans rebuilding the same field for inference."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -27,6 +29,23 @@ def test_config_members_and_refusals():
         NetworkOptions(ensemble_members=0)
     with pytest.raises(ValueError, match="own_estimate_fraction 0 or 1"):
         FlowMatchingConfig(own_estimate_fraction=0.5, network=net)
+
+
+def test_the_wide_variant_is_the_measured_combination(planned):
+    """``_ensemble4WideDice2`` trains what value_product measured with ``--flow network.ensemble_members=4
+    network.member_width=0.7 dice_weight=2`` on the default trainer."""
+    import dataclasses
+
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from medflowseg_nn.trainers.mfs_trainer import MedFlowSegTrainer
+    from medflowseg_nn.trainers.variants import MedFlowSegTrainer_ensemble4WideDice2
+    plans = json.loads(planned.plans_file.read_text())
+    cm = PlansManager(plans).get_configuration("3d_fullres")
+    base = MedFlowSegTrainer.resolved_flow_config(plans, cm)
+    wide = base.replace(network=dataclasses.replace(base.network, ensemble_members=4, member_width=0.7),
+                        dice_weight=2.0)
+    assert MedFlowSegTrainer_ensemble4WideDice2.resolved_flow_config(plans, cm) == wide  # nothing else changed
 
 
 def test_train_step_trains_every_narrow_member_on_its_own_rows(planned):
@@ -170,6 +189,9 @@ def test_under_ddp_rank_0_fits_and_the_other_ranks_take_its_broadcast(planned, m
     monkeypatch.setattr(member_temperatures, "fit_member_calibrations", lambda *a: pytest.fail("rank 1 fitted"))
     trainer = make_trainer(planned, MedFlowSegTrainer_ensemble4)
     trainer.is_ddp, trainer.local_rank = True, 1
+    written = os.path.join(trainer.output_folder, "temperature.json")
+    if os.path.exists(written):  # the module's earlier tests share this output folder
+        os.remove(written)
     assert member_temperatures.calibrate_members(trainer) == fitted and sent == [None]
     assert trainer.network.member_temperature.tolist() == pytest.approx([1.0, 1.1, 1.2, 1.3])
-    assert not os.path.exists(os.path.join(trainer.output_folder, "temperature.json"))  # rank 0 writes
+    assert not os.path.exists(written)  # rank 0 writes
