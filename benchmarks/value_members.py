@@ -56,19 +56,17 @@ def disagreement(models: Sequence[dict], test: Sequence[str], dilation: int) -> 
 
 def seed_rows(seed: int, args, bench) -> tuple[list[dict], dict]:
     from medflowseg_nn.temperature import apply_temperature
-    from value_models import model_tag, read_case, train_or_load
-    from value_recalibration import fit, model_probabilities, score, stage_fn
+    from value_models import model_tag, train_or_load
+    from value_recalibration import fit, fold_probabilities, score, stage_fn
     trainer, _ = train_or_load("ours", 0, seed, args, bench.plans, bench.dataset_json)
     packed, tag = trainer.network, model_tag("ours", 0, seed, args)
-    val = sorted(bench.splits[0]["val"])[: args.temperature_cases]
+    val, whole = fold_probabilities(trainer, "ours", 0, args.work / "value_probs" / tag, args, bench)
     cases, test, d = val + list(bench.test), list(bench.test), args.roi_dilation
-    read = (lambda case, t=trainer: read_case(bench, t, case)[:3])
-    whole = model_probabilities(trainer, "ours", cases, args.work / "value_probs" / tag, args, read)
     members = []
     for i, member in enumerate(packed.members):
         trainer.network = member
-        members.append(model_probabilities(trainer, "ours", cases, args.work / "value_probs" / f"{tag}_member{i}",
-                                           args, read))
+        members.append(fold_probabilities(trainer, "ours", 0, args.work / "value_probs" / f"{tag}_member{i}", args,
+                                          bench)[1])
     trainer.network = packed
     rows = [r for i, m in enumerate(members) for r in stage_rows(f"member {i}", m, val, test, d)]
     rows += stage_rows("packed, as trained (plain average)", whole, val, test, d)

@@ -122,13 +122,11 @@ def fold_disagreement(members: Sequence[np.ndarray]) -> np.ndarray:
 
 def nnunet_calibrated(fold: int, seed: int, args, bench):
     """nnU-Net's trainer, its cached validation + test probabilities and the T + map fitted on its validation."""
-    from value_models import model_tag, read_case, train_or_load
-    from value_recalibration import fit, model_probabilities
+    from value_models import model_tag, train_or_load
+    from value_recalibration import fit, fold_probabilities
     trainer, _ = train_or_load("nnunet", fold, seed, args, bench.plans, bench.dataset_json)
-    val = sorted(bench.splits[fold]["val"])[: args.temperature_cases]
-    probs = model_probabilities(trainer, "nnunet", val + list(bench.test),
-                                args.work / "value_probs" / model_tag("nnunet", fold, seed, args), args,
-                                lambda case, t=trainer: read_case(bench, t, case)[:3])
+    val, probs = fold_probabilities(trainer, "nnunet", fold,
+                                    args.work / "value_probs" / model_tag("nnunet", fold, seed, args), args, bench)
     return trainer, probs, fit({c: probs[c] for c in val}, args.roi_dilation)
 
 

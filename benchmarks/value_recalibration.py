@@ -52,6 +52,15 @@ def model_probabilities(trainer, method: str, cases: Sequence[str], folder: Path
     return out
 
 
+def fold_probabilities(trainer, method: str, fold: int, folder: Path, args, bench) -> tuple[list[str], dict]:
+    """The fold's validation cases (its first ``--temperature_cases``) and :func:`model_probabilities` of them and
+    of the held-out test cases, cached in ``folder``, each case read with ``trainer``'s preprocessing."""
+    from value_models import read_case
+    val = sorted(bench.splits[fold]["val"])[: args.temperature_cases]
+    return val, model_probabilities(trainer, method, val + list(bench.test), folder, args,
+                                    lambda case: read_case(bench, trainer, case)[:3])
+
+
 def fit(validation: dict, dilation: int):
     """:class:`FoldCalibration` (T, then the map) fitted on the validation cases' ROI voxels."""
     from medflowseg_nn.calibration import reference_roi
@@ -113,7 +122,7 @@ def pooled_rows(test: Sequence[str], calibrated: dict, validation: dict, args) -
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from bench_value import build_parser
-    from value_models import ensemble_folds, member_args, member_key, model_tag, prepare, read_case, train_all
+    from value_models import ensemble_folds, member_args, member_key, model_tag, prepare, train_all
     parser = build_parser()
     parser.description = "fold temperature and top-label map: nnU-Net's models, its fold ensemble and ours"
     args = parser.parse_args(argv)
@@ -124,10 +133,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": C.machine_info(), "rows": []}
     for key, (trainer, _) in models.items():
         method, apart, fold, seed = re.fullmatch(r"(nnunet|ours)(_members)?_f(\d+)_s(\d+)", key).groups()
-        val = sorted(bench.splits[int(fold)]["val"])[: args.temperature_cases]
         tag = model_tag(method, int(fold), int(seed), members if apart else args)
-        probs = model_probabilities(trainer, method, val + list(bench.test), args.work / "value_probs" / tag, args,
-                                    lambda case, t=trainer: read_case(bench, t, case)[:3])
+        val, probs = fold_probabilities(trainer, method, int(fold), args.work / "value_probs" / tag, args, bench)
         validation[key] = {c: probs[c] for c in val}
         calibration = fit(validation[key], args.roi_dilation)
         calibrated[key] = (probs, calibration)

@@ -75,11 +75,6 @@ class FoldCalibration:
             f" + {len(self.member_maps)} member maps" if self.member_maps else ""
         return f"T {self.temperature:.3f}{extra}"
 
-    @property
-    def has_map(self) -> bool:
-        """Whether it changes probabilities beyond T (a top-label map, of the average or of each member)."""
-        return self.top_label_map is not None or bool(self.member_maps)
-
     def probabilities(self, probabilities: np.ndarray) -> np.ndarray:
         """``[C, *S]`` probabilities → recalibrated ones (T, then the map), float32. Member maps cannot be applied to
         an average (the predictor applies them member by member): refused."""

@@ -77,7 +77,7 @@ def test_member_field_finds_the_packed_ensemble_under_the_sampler_and_maps_are_c
 def test_member_maps_round_trip_through_temperature_json_and_are_refused_beside_a_fold_t(tmp_path):
     save_temperature(str(tmp_path), 1.0, {"sampler": {"steps": 1}}, member_maps=MAPS)
     loaded = load_calibration(str(tmp_path), {"steps": 1})
-    assert loaded == FoldCalibration(1.0, None, MAPS) and loaded.has_map and not FoldCalibration(1.2).has_map
+    assert loaded == FoldCalibration(1.0, None, MAPS)
     assert loaded.summary == "T 1.000 + 3 member maps" and FoldCalibration(1.2, MAPS[0]).summary == "T 1.200 + map"
     assert load_calibration(str(tmp_path), {"steps": 2}) is None  # fitted for other sampler settings
     with pytest.raises(UserError, match="before the average"):
