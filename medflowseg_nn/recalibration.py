@@ -27,7 +27,7 @@ from torch import Tensor
 from medflowseg_nn.errors import UserError
 
 __all__ = ["TopLabelMap", "fit_top_label_map", "top_label_map_of_rows", "apply_top_label_map",
-           "apply_top_label_map_np", "voxel_rows", "cap_rows"]
+           "apply_top_label_map_np", "voxel_rows", "cap_rows", "RowSample"]
 _MAX_VOXELS = 2_000_000  # the fits subsample (seeded) beyond this many voxels: the temperature moves < 1e-3
 _SHARE_FLOOR = 1e-6  # added to every other class's share: a voxel with c = 1 still spreads 1 − a(c)
 _MARGIN = 1e-6  # the top class stays this far above the runner-up
@@ -96,6 +96,56 @@ def cap_rows(rows: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[np.ndarray
         keep = np.random.default_rng(seed).choice(len(y), _MAX_VOXELS, replace=False)
         return rows[keep], y[keep]
     return rows, y
+
+
+class RowSample:
+    """A seeded uniform sample, without replacement, of at most ``cap`` rows of ``n_streams`` parallel streams
+    (e.g. each member of a packed ensemble on the same voxels), kept while the cases arrive, so that memory stays
+    O(cap) instead of holding every case's rows until :func:`cap_rows`. Bottom-k sampling: each row draws one
+    uniform key; the ``cap`` rows with the smallest keys stay, the same rows in every stream; they come out in
+    arrival order. Fewer than ``cap`` rows in all: every row, exactly what concatenating them gives.
+    (numpy has no streaming sampler; scikit-learn's ``sample_without_replacement`` needs the population at once.)"""
+
+    def __init__(self, n_streams: int = 1, cap: int = _MAX_VOXELS, seed: int = 0):
+        if n_streams < 1 or cap < 1:
+            raise ValueError(f"RowSample needs n_streams >= 1 and cap >= 1, got {n_streams}, {cap}")
+        self.n_streams, self.cap = n_streams, cap
+        self._rng = np.random.default_rng(seed)
+        self._rows: list[list[np.ndarray]] = [[] for _ in range(n_streams)]
+        self._y: list[np.ndarray] = []
+        self._keys: list[np.ndarray] = []
+        self._count = 0
+        self.seen = 0  # rows added in all
+
+    def __len__(self) -> int:
+        return min(self._count, self.cap)
+
+    def add(self, rows: Sequence[np.ndarray], y: np.ndarray) -> None:
+        """One case: ``rows[s] [N, C]`` of each stream on the same ``N`` voxels, labels ``y [N]``."""
+        if len(rows) != self.n_streams or any(len(r) != len(y) for r in rows):
+            raise ValueError(f"RowSample.add needs {self.n_streams} row arrays of len(y) = {len(y)} rows each")
+        for kept, r in zip(self._rows, rows):
+            kept.append(np.asarray(r))
+        self._y.append(np.asarray(y))
+        self._keys.append(self._rng.random(len(y)))
+        self._count += len(y)
+        self.seen += len(y)
+        if self._count > 2 * self.cap:  # compact now and then: bounded memory, linear time
+            self._compact()
+
+    def _compact(self) -> None:
+        keys = np.concatenate(self._keys)
+        keep = np.sort(np.argpartition(keys, self.cap - 1)[:self.cap]) if len(keys) > self.cap else slice(None)
+        self._rows = [[np.concatenate(r)[keep]] for r in self._rows]
+        self._y, self._keys = [np.concatenate(self._y)[keep]], [keys[keep]]
+        self._count = len(self._y[0])
+
+    def result(self) -> tuple[list[np.ndarray], np.ndarray]:
+        """``([rows [n, C] per stream], y [n])``, n = min(rows added, cap)."""
+        if not self._y:
+            raise ValueError("RowSample.result: no rows were added")
+        self._compact()
+        return [r[0] for r in self._rows], self._y[0]
 
 
 def fit_top_label_map(probabilities: Sequence[np.ndarray], labels: Sequence[np.ndarray],

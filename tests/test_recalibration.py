@@ -8,7 +8,7 @@ import torch
 
 from medflowseg_nn.calibration import CalibrationAccumulator
 from medflowseg_nn.errors import UserError
-from medflowseg_nn.recalibration import (TopLabelMap, apply_top_label_map, apply_top_label_map_np,
+from medflowseg_nn.recalibration import (RowSample, TopLabelMap, apply_top_label_map, apply_top_label_map_np,
                                          fit_top_label_map)
 
 
@@ -87,3 +87,39 @@ def test_bad_maps_and_inputs_are_refused():
     with pytest.raises(UserError, match="no voxel"):
         fit_top_label_map([np.full((2, 3, 3), 0.5)], [np.zeros((3, 3), int)], [np.zeros((3, 3), bool)])
     assert TopLabelMap.from_dict(TopLabelMap((0.5, 0.9), (0.6, 0.7)).to_dict()) == TopLabelMap((0.5, 0.9), (0.6, 0.7))
+
+
+def test_row_sample_keeps_every_row_in_order_below_its_cap():
+    sample = RowSample(n_streams=2, cap=100)
+    cases = [np.arange(10 * i, 10 * i + 7, dtype=np.float32)[:, None] * [1, -1] for i in range(3)]
+    for rows in cases:
+        sample.add([rows, rows + 0.5], rows[:, 0].astype(np.int64))
+    (a, b), y = sample.result()
+    assert np.array_equal(a, np.concatenate(cases)) and np.array_equal(b, a + 0.5)
+    assert np.array_equal(y, a[:, 0].astype(np.int64)) and len(sample) == sample.seen == 21
+
+
+def test_row_sample_beyond_its_cap_is_uniform_the_same_rows_in_every_stream_and_seeded():
+    def sampled(seed):
+        sample = RowSample(n_streams=2, cap=1000, seed=seed)
+        for i in range(20):  # 20 cases of 500 rows: row value = its global index
+            rows = np.arange(500 * i, 500 * (i + 1), dtype=np.float64)[:, None]
+            sample.add([rows, -rows], np.arange(500 * i, 500 * (i + 1)))
+        return sample.result(), sample
+    ((a, b), y), sample = sampled(0)
+    assert len(y) == len(sample) == 1000 and sample.seen == 10_000
+    assert np.array_equal(a[:, 0], y) and np.array_equal(b, -a)  # same voxels in both streams, labels along
+    assert len(np.unique(y)) == 1000 and np.all(np.diff(y) > 0)  # without replacement, in arrival order
+    per_case = np.bincount(y // 500, minlength=20)  # 50 expected from each case (sd ≈ 6.7)
+    assert per_case.min() >= 25 and per_case.max() <= 75
+    assert np.array_equal(sampled(0)[0][1], y) and not np.array_equal(sampled(1)[0][1], y)
+
+
+def test_row_sample_refuses_streams_of_other_lengths_and_an_empty_result():
+    sample = RowSample(n_streams=2)
+    with pytest.raises(ValueError, match="2 row arrays"):
+        sample.add([np.zeros((3, 2))], np.zeros(3))
+    with pytest.raises(ValueError, match="2 row arrays"):
+        sample.add([np.zeros((3, 2)), np.zeros((2, 2))], np.zeros(3))
+    with pytest.raises(ValueError, match="no rows"):
+        sample.result()

@@ -4,11 +4,14 @@ Each member predicts the fold's validation cases alone, with the final validatio
 window, Gaussian, the trainer's mirroring axes; one step), in nnU-Net's preprocessed geometry; its T minimises the
 NLL of the voxels of the reference's foreground dilated by ``roi_dilation`` (the ROI the fold temperature uses,
 :func:`medflowseg_nn.temperature.temperature_of_rows`; ignore-label voxels left out), and its top-label map is
-fitted on the same voxels after T (:func:`medflowseg_nn.temperature.calibration_of_rows`). The temperatures go into
-the network's ``member_temperature`` buffer and into ``checkpoint_final.pth``, so the final validation after it and
-every prediction see the tempered members' average; the maps go into the fold's ``temperature.json``
-(``member_maps``, T = 1, for the final validation's sampler settings), which ``mfs_predict`` applies to each member
-before the average (:mod:`medflowseg_nn.inference.member_calibration`). No fold T / map of the average is fitted.
+fitted on the same voxels after T (:func:`medflowseg_nn.temperature.calibration_of_rows`); beyond 2 million ROI
+voxels on a seeded uniform sample of them, drawn while the cases arrive
+(:class:`medflowseg_nn.recalibration.RowSample`), so memory does not grow with the validation set. The
+temperatures go into the network's ``member_temperature`` buffer and into ``checkpoint_final.pth``, so the final
+validation after it and every prediction see the tempered members' average; the maps go into the fold's
+``temperature.json`` (``member_maps``, T = 1, for the final validation's sampler settings), which ``mfs_predict``
+applies to each member before the average (:mod:`medflowseg_nn.inference.member_calibration`). No fold T / map
+of the average is fitted.
 
 Measured on the 2d CPU protocol (``benchmarks/RESULTS.md`` 2026-12-06 20:17, ``benchmarks/value_members.py``, two
 seeds, test ROI ECE): one T + map on the members' plain average 0.0113 / 0.0125 (a single nnU-Net model's level);
@@ -28,7 +31,7 @@ import torch
 from medflowseg_nn.calibration_folder import roi_rows
 from medflowseg_nn.networks.member_ensemble import MemberEnsembleField
 from medflowseg_nn.pretrained import unwrap
-from medflowseg_nn.recalibration import cap_rows
+from medflowseg_nn.recalibration import RowSample
 from medflowseg_nn.temperature import FoldCalibration, calibration_of_rows, save_temperature
 
 logger = logging.getLogger(__name__)
@@ -73,23 +76,23 @@ def fit_member_calibrations(trainer: Any, roi_dilation: int = 3,
     if not isinstance(field, MemberEnsembleField):
         return None
     modes = [member.training for member in field.members]  # the predictors put the members in eval mode
-    rows: list[list[np.ndarray]] = [[] for _ in field.members]
-    labels: list[np.ndarray] = []
+    sample = RowSample(len(field.members))  # every member on the same voxels, at most 2 million (seeded)
     predictors = [member_predictor(trainer, member, use_mirroring) for member in field.members]
     for _, data, reference in validation_cases(trainer):
-        for m, predictor in enumerate(predictors):
+        rows = []
+        for predictor in predictors:
             logits = predictor.predict_sliding_window_return_logits(data).float().cpu()
             p, y = roi_rows(torch.softmax(logits, 0).numpy(), reference, roi_dilation,
                             trainer.label_manager.ignore_label)
-            rows[m].append(p)
-        labels.append(y)
-    y_all = np.concatenate(labels)  # every member on the same voxels: the same seeded subsample beyond 2 million
-    calibrations = [calibration_of_rows(*cap_rows(np.concatenate(r), y_all)) for r in rows]
+            rows.append(p)
+        sample.add(rows, y)
+    member_rows, y_all = sample.result()
+    calibrations = [calibration_of_rows(r, y_all) for r in member_rows]
     field.set_member_temperatures([c.temperature for c in calibrations])
     for member, mode in zip(field.members, modes):
         member.train(mode)
-    logger.info("member temperatures %s and top-label maps fitted on %d ROI voxels of the fold's validation cases",
-                ", ".join(f"{c.temperature:.3f}" for c in calibrations), len(y_all))
+    logger.info("member temperatures %s and top-label maps fitted on %d of the %d ROI voxels of the fold's validation "
+                "cases", ", ".join(f"{c.temperature:.3f}" for c in calibrations), len(y_all), sample.seen)
     return calibrations
 
 
