@@ -10,9 +10,11 @@ writes), twice: with the member temperatures only (the product before per-member
 (``value_recalibration``'s cached probabilities); the single fold-0 model predicted live (timed, whole case:
 prediction + export), the fold ensemble (``--ensemble_folds``, first seed) from the cache, members recalibrated
 and averaged. Every row scored by ``value_report.RunScores`` (Dice, HD95, ECE / AURC / NLL in the reference ROI,
-ρ(mean ROI entropy, 1 − Dice) over cases); the rows of several members also ``rho_dis``: ρ(mean ROI label
-disagreement of the members, 1 − Dice) — the packed members' map that ``mfs_predict --save_uncertainty`` writes
-(its s / case includes that map), and nnU-Net's fold disagreement, its maintainers' recommended uncertainty.
+ρ(mean ROI entropy, 1 − Dice) over cases, and two reference-free case-level flags a user has in deployment:
+``rho_all`` ρ(mean entropy over the whole case, 1 − Dice), ``rho_ede`` ρ(expected Dice error, 1 − Dice)); the
+rows of several members also ``rho_dis``: ρ(mean ROI label disagreement of the members, 1 − Dice) — the packed
+members' map that ``mfs_predict --save_uncertainty`` writes (its s / case includes that map), and nnU-Net's fold
+disagreement, its maintainers' recommended uncertainty.
 
     python benchmarks/value_product.py -c 2d --epochs 10 --iterations_per_epoch 100 --batch_size 32 \\
         --ours_trainer MedFlowSegTrainer_ensemble4 --ensemble_folds 0 1 2 --seeds 0 1 --threads 1 \\
@@ -31,14 +33,14 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 
-COLUMNS = ["seed", "model", "dice", "hd95", "ece", "aurc", "nll", "rho", "rho_dis", "s_per_case"]
+COLUMNS = ["seed", "model", "dice", "hd95", "ece", "aurc", "nll", "rho", "rho_all", "rho_ede", "rho_dis", "s_per_case"]
 
 
 def summary_row(seed, model: str, scores) -> dict:
     s = scores.summary()
     return {"seed": seed, "model": model, "dice": s["dice_fg"], "hd95": s["hd95"], "ece": s["roi"]["ece"],
             "aurc": s["roi"]["aurc"], "nll": s["roi"]["nll"], "rho": s["spearman_roi"]["rho"],
-            "s_per_case": s["s_per_case"]}
+            "rho_all": s["spearman_all"]["rho"], "rho_ede": s["spearman_ede"]["rho"], "s_per_case": s["s_per_case"]}
 
 
 def score_cases(cases: Sequence[str], predict: Callable[[str], tuple[np.ndarray, float]], inputs: dict,
@@ -180,7 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results["fits"][f"seed {seed}"] = fit
     results["rows"] += nnunet_rows(args, bench, inputs)
     table = [{**r, **{k: f"{r[k]:.4f}" for k in ("dice", "ece", "aurc", "nll")}, "hd95": f"{r['hd95']:.2f}",
-              **{k: f"{r[k]:.2f}" if r.get(k) is not None else "" for k in ("rho", "rho_dis")},
+              **{k: f"{r[k]:.2f}" if r.get(k) is not None else "" for k in ("rho", "rho_all", "rho_ede", "rho_dis")},
               "s_per_case": f"{r['s_per_case']:.2f}"} for r in results["rows"]]
     print(C.markdown_table(table, COLUMNS))
     print(results["fits"])

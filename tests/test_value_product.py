@@ -58,3 +58,17 @@ def test_fold_disagreement_and_its_rank_correlation_by_hand():
         np.arange(8)[None, None, :] < 2 + int(c[1]), 0, inputs[c]["ref"])), 0.0), inputs, [1, 2], 1)
     assert value_product.rho_of(dis, scores)["rho_dis"] == pytest.approx(1.0)
     assert value_product.rho_of({}, scores) == {}
+
+
+def test_the_reference_free_flags_rank_cases_whose_doubt_grows_with_their_error():
+    inputs = cases()
+
+    def predict(case):  # columns < 2 + i turned to soft background (0.5 / 0.3 / 0.2): more error, more doubt
+        ref = inputs[case]["ref"]
+        p = one_hot(ref)
+        soft = np.broadcast_to(np.arange(8) < 2 + int(case[1]), ref.shape)
+        p[:, soft] = np.array([0.5, 0.3, 0.2])[:, None]
+        return p, 0.0
+    row = value_product.summary_row(0, "doubtful", value_product.score_cases(list(inputs), predict, inputs, [1, 2], 1))
+    assert row["dice"] < 1
+    assert row["rho_ede"] == pytest.approx(1.0) and row["rho_all"] == pytest.approx(1.0)
