@@ -84,6 +84,11 @@ def fit_pooled_calibration(fold_folders: Sequence[str], gt_folder: str, file_end
         raise UserError("the folds' own calibrations were fitted for different sampler settings ("
                         + "; ".join(f"{os.path.basename(f)}: {s}" for f, s in zip(folders, samplers))
                         + ") — rerun their validations with the same settings")
+    checkpoints = [fitted_on(_own_fit(f)).get("checkpoint") for f in folders]
+    if any(c != checkpoints[0] for c in checkpoints):
+        raise UserError("the folds' validations were made with the weights of different checkpoints ("
+                        + "; ".join(f"{os.path.basename(f)}: {c}" for f, c in zip(folders, checkpoints))
+                        + ") — rerun them with the same (mfs_train --val, or --val_best for every fold)")
     calibration, info = fit_calibration_on_folders([_validation(f) for f in folders], gt_folder, file_ending,
                                                    roi_dilation, ignore_label=ignore_label,
                                                    top_label_map=top_label_map)
@@ -91,7 +96,8 @@ def fit_pooled_calibration(fold_folders: Sequence[str], gt_folder: str, file_end
     if len(set(cases)) != len(cases):
         logger.warning("%d case(s) are in the validation of more than one fold: they count once per fold",
                        len(cases) - len(set(cases)))
-    info = {**info, "pooled_folds": folders, "sampler": samplers[0]}
+    info = {**info, "pooled_folds": folders, "sampler": samplers[0],
+            **({"checkpoint": checkpoints[0]} if checkpoints[0] is not None else {})}
     logger.info("pooled calibration: T %.4f on %d cases of %d folds", calibration.temperature, len(cases),
                 len(folders))
     return calibration, info

@@ -172,14 +172,16 @@ def fit_calibration_on_folders(prob_dirs: Sequence[str], ref_dir: str, file_endi
 
 
 def fit_validation_temperature(fold_folder: str, gt_folder: str, file_ending: str, sampler: dict,
-                               ignore_label: Optional[int] = None, keep_probabilities: bool = False) -> float:
+                               ignore_label: Optional[int] = None, keep_probabilities: bool = False,
+                               checkpoint: Optional[str] = None) -> float:
     """After a fold's final validation with probabilities (``fold_folder/validation/CASE.npz``): fit T and the
-    top-label map after it against ``gt_folder``, save them with the ``sampler`` settings they hold for
-    (``fold_folder/temperature.json``) and, unless ``keep_probabilities``, remove the ``.npz`` / ``.pkl`` files the
-    validation wrote for it. Returns T."""
+    top-label map after it against ``gt_folder``, save them with the ``sampler`` settings and the ``checkpoint``
+    file whose weights made the validation (when known) they hold for (``fold_folder/temperature.json``) and,
+    unless ``keep_probabilities``, remove the ``.npz`` / ``.pkl`` files the validation wrote for it. Returns T."""
     validation = os.path.join(fold_folder, "validation")
     calibration, info = fit_calibration_on_folder(validation, gt_folder, file_ending, ignore_label=ignore_label)
-    save_temperature(fold_folder, calibration.temperature, {**info, "sampler": sampler}, calibration.top_label_map)
+    info = {**info, "sampler": sampler, **({"checkpoint": checkpoint} if checkpoint is not None else {})}
+    save_temperature(fold_folder, calibration.temperature, info, calibration.top_label_map)
     if not keep_probabilities:
         for name in os.listdir(validation):
             if name.endswith((".npz", ".pkl")):
@@ -213,10 +215,12 @@ def fitted_on(content: Optional[dict]) -> dict:
     return (content or {}).get("fitted_on") or {}
 
 
-def load_calibration(folder: str, sampler: Optional[dict] = None) -> Optional[FoldCalibration]:
-    """The calibration saved in ``folder``; ``None`` when there is none or when it was fitted for other
-    ``sampler`` settings than these (a T fitted for one sample at one step over-softens K averaged samples).
-    A broken file is a UserError."""
+def load_calibration(folder: str, sampler: Optional[dict] = None,
+                     checkpoint: Optional[str] = None) -> Optional[FoldCalibration]:
+    """The calibration saved in ``folder``; ``None`` when there is none, when it was fitted for other ``sampler``
+    settings than these (a T fitted for one sample at one step over-softens K averaged samples) or on the weights
+    of another ``checkpoint`` file than this one (e.g. fitted after ``--val_best`` on ``checkpoint_best.pth``, now
+    predicting with ``checkpoint_final.pth``; files that name none are taken). A broken file is a UserError."""
     path = os.path.join(folder, TEMPERATURE_FILE)
     if not os.path.isfile(path):
         return None
@@ -234,6 +238,11 @@ def load_calibration(folder: str, sampler: Optional[dict] = None) -> Optional[Fo
     if sampler is not None and fitted_for is not None and fitted_for != sampler:
         logger.info("%s was fitted for %s, not %s: probabilities are not temperature-scaled", path, fitted_for,
                     sampler)
+        return None
+    fitted_with = fitted_on(content).get("checkpoint")
+    if checkpoint is not None and fitted_with is not None and fitted_with != checkpoint:
+        logger.warning("%s was fitted on the weights of %s, not %s: probabilities are not calibrated (rerun the "
+                       "fold's validation with these weights to fit them)", path, fitted_with, checkpoint)
         return None
     pooled = fitted_on(content).get("pooled_folds")
     logger.info("%s: T %.3f%s, fitted on %s", path, value, " + top-label map" if mapped else

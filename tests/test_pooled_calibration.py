@@ -88,7 +88,14 @@ def test_errors_name_the_fold_and_the_fix(tmp_path):
         fit_pooled_calibration([str(f0), str(f0)], gt)
     with pytest.raises(UserError, match="different sampler settings"):
         fit_pooled_calibration([str(f0), str(f1)], gt)
+    save_temperature(str(f1), 2.0, {"cases": [], "sampler": SAMPLER, "checkpoint": "checkpoint_best.pth"})
+    with pytest.raises(UserError, match="different checkpoints"):
+        fit_pooled_calibration([str(f0), str(f1)], gt)
+    save_temperature(str(f0), 2.0, {"cases": [], "sampler": SAMPLER, "checkpoint": "checkpoint_best.pth"})
+    assert fit_pooled_calibration([str(f0), str(f1)], gt)[1]["checkpoint"] == "checkpoint_best.pth"  # carried on
     save_temperature(str(f1), 2.0, {"cases": [], "sampler": SAMPLER})
+    save_temperature(str(f0), 2.0, {"cases": [], "sampler": SAMPLER})
+    assert "checkpoint" not in fit_pooled_calibration([str(f0), str(f1)], gt)[1]  # none named: none claimed
     for npz in (f1 / "validation").glob("*.npz"):
         npz.unlink()
     with pytest.raises(UserError, match="--val --npz"):

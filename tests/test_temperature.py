@@ -86,6 +86,16 @@ def test_save_and_load(tmp_path):
         load_calibration(str(tmp_path))
 
 
+def test_a_calibration_is_applied_only_to_the_checkpoint_whose_weights_it_was_fitted_on(tmp_path, caplog):
+    save_temperature(str(tmp_path), 1.7, {"sampler": {"steps": 1}})  # names no checkpoint (older files)
+    assert load_calibration(str(tmp_path), {"steps": 1}, "checkpoint_best.pth") == FoldCalibration(1.7)
+    save_temperature(str(tmp_path), 1.7, {"sampler": {"steps": 1}, "checkpoint": "checkpoint_best.pth"})
+    assert load_calibration(str(tmp_path), {"steps": 1}, "checkpoint_best.pth") == FoldCalibration(1.7)
+    assert load_calibration(str(tmp_path), {"steps": 1}) == FoldCalibration(1.7)  # no checkpoint asked: taken
+    with caplog.at_level("WARNING", logger="medflowseg_nn.temperature"):
+        assert load_calibration(str(tmp_path), {"steps": 1}, "checkpoint_final.pth") is None
+    assert "fitted on the weights of checkpoint_best.pth, not checkpoint_final.pth" in caplog.text
+
 def test_fit_on_a_folder_of_npz_and_references(tmp_path):
     import SimpleITK as sitk
     rng = np.random.default_rng(2)

@@ -97,8 +97,9 @@ def fit_member_calibrations(trainer: Any, roi_dilation: int = 3,
 
 
 def calibrate_members(trainer: Any, roi_dilation: int = 3) -> Optional[list[FoldCalibration]]:
-    """:func:`fit_member_calibrations`, then (rank 0) the weights with the temperatures into the fold's
-    ``checkpoint_final.pth`` when it exists and the member maps into the fold's ``temperature.json``; ``None`` for
+    """:func:`fit_member_calibrations`, then (rank 0) the weights with the temperatures into the checkpoint file the
+    network's weights are (``trainer.weights_file``: ``checkpoint_final.pth`` after training, ``checkpoint_best.pth``
+    with ``--val_best``) and the member maps, naming that file, into the fold's ``temperature.json``; ``None`` for
     a network that is not a packed ensemble. Under DDP (every rank calls it) rank 0 fits and broadcasts the result
     (``torch.distributed.broadcast_object_list``), so no rank repeats the member predictions and all hold the same
     temperatures for the final validation."""
@@ -114,15 +115,19 @@ def calibrate_members(trainer: Any, roi_dilation: int = 3) -> Optional[list[Fold
         field.set_member_temperatures([c.temperature for c in calibrations])
     if trainer.local_rank != 0:
         return calibrations
-    final = os.path.join(trainer.output_folder, "checkpoint_final.pth")
-    if os.path.isfile(final):
-        store_network_weights(final, trainer.network)
+    weights = trainer.weights_file  # the checkpoint these weights are (trainers.checkpoint_files), None: unknown
+    if weights is not None and os.path.isfile(os.path.join(trainer.output_folder, weights)):
+        store_network_weights(os.path.join(trainer.output_folder, weights), trainer.network)
+    else:
+        logger.warning("the network's weights are no checkpoint file of %s: the member temperatures are in no "
+                       "checkpoint", trainer.output_folder)
     _, val_keys = trainer.do_split()
     sampler = MedFlowSegPredictor.sampler_settings(trainer.flow_config.solver_config(), 1)
     save_temperature(trainer.output_folder, 1.0, {
         "cases": sorted(val_keys), "roi_dilation": roi_dilation, "objective": "NLL in the reference ROI, per member",
         "member_temperatures": [c.temperature for c in calibrations], "sampler": sampler,
-        "top_label_map": "isotonic, per member after its T, in the reference ROI"},
+        "top_label_map": "isotonic, per member after its T, in the reference ROI",
+        **({"checkpoint": weights} if weights is not None else {})},
         member_maps=[c.top_label_map for c in calibrations])
     return calibrations
 

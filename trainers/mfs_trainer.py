@@ -38,6 +38,7 @@ from medflowseg_nn.inference.sampler import FlowSegmenter
 from medflowseg_nn.model import build_vector_field, check_memory_estimate
 from medflowseg_nn.pretrained import unwrap
 from medflowseg_nn.temperature import fit_validation_temperature
+from medflowseg_nn.trainers.checkpoint_files import CheckpointFiles
 from medflowseg_nn.trainers.label_definition import check_label_definition
 from medflowseg_nn.trainers.member_temperatures import calibrate_members
 from medflowseg_nn.trainers.micro_batches import accumulate_gradients, rows_of, rows_within
@@ -48,7 +49,7 @@ from medflowseg_nn.trainers.validation_stats import hard_stats
 Target = Union[torch.Tensor, list[torch.Tensor]]
 
 
-class MedFlowSegTrainer(nnUNetTrainer):
+class MedFlowSegTrainer(CheckpointFiles, nnUNetTrainer):
     #: one-concern variants set these class attributes instead of overriding methods:
     #: trainer attributes set after nnU-Net's __init__ (e.g. {"num_epochs": 1})
     trainer_overrides: dict = {}
@@ -142,14 +143,6 @@ class MedFlowSegTrainer(nnUNetTrainer):
 
     def _do_i_compile(self) -> bool:
         return False  # FFTs and complex buffers in FAA; eager mode is what is tested
-
-    def save_checkpoint(self, filename: str) -> None:
-        """nnU-Net's checkpoint, written to a temporary file and renamed: a run killed while saving never leaves a
-        truncated checkpoint (``--c`` resumes from the previous one)."""
-        tmp = f"{filename}.tmp"
-        super().save_checkpoint(tmp)
-        if os.path.isfile(tmp):
-            os.replace(tmp, filename)
 
     def _autocast(self):
         return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
@@ -296,5 +289,5 @@ class MedFlowSegTrainer(nnUNetTrainer):
                 self.output_folder, os.path.join(self.preprocessed_dataset_folder_base, "gt_segmentations"),
                 self.dataset_json["file_ending"],
                 MedFlowSegPredictor.sampler_settings(self.flow_config.solver_config(), 1),
-                self.label_manager.ignore_label, keep_probabilities=save_probabilities)
+                self.label_manager.ignore_label, keep_probabilities=save_probabilities, checkpoint=self.weights_file)
 

@@ -11,6 +11,7 @@ through :meth:`MedFlowSegPredictor.predict_case`, which also returns the K-sampl
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional, Sequence, Union
 
 import torch
@@ -262,7 +263,7 @@ class MedFlowSegPredictor(nnUNetPredictor):
         settings = self.sampler_settings(self.segmenter.solver, self.num_samples, self.hypotheses,
                                          self.model_samples)
         self.fold_calibrations = [
-            load_calibration(join(model_training_output_dir, f"fold_{f}"), settings)
+            load_calibration(join(model_training_output_dir, f"fold_{f}"), settings, os.path.basename(checkpoint_name))
             if self.use_temperature and not self.label_manager.has_regions else None for f in use_folds]
         check_member_maps(member_field(self.segmenter), self.fold_calibrations, model_training_output_dir)
         logger.info("loaded %s (%s, folds %s) with %s; calibrations %s", model_training_output_dir,

@@ -48,6 +48,7 @@ def test_plan_train_predict(nnunet_env, tmp_path, shape, configuration):
     # the fold's temperature, fitted on the validation probabilities, which are not kept without --npz
     fitted = json.loads((fold / "temperature.json").read_text())
     assert fitted["fitted_on"]["sampler"] == {"steps": 1, "solver": "euler", "num_samples": 1}
+    assert fitted["fitted_on"]["checkpoint"] == "checkpoint_final.pth"  # the weights it was fitted on
     assert 0.05 <= fitted["temperature"] <= 20 and not list((fold / "validation").glob("*.npz"))
     # mfs_predict divides the logits by it when the sampler settings match, and not for other settings
     loaded = {}

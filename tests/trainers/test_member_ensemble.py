@@ -109,6 +109,7 @@ def test_member_calibrations_are_fitted_per_member_and_stored_with_the_fold(plan
     trainer.train_step(batch)
     final = os.path.join(trainer.output_folder, "checkpoint_final.pth")
     trainer.save_checkpoint(final)
+    trainer.load_checkpoint(final)  # as mfs_train --val: the weights are checkpoint_final.pth's
     calibrations = calibrate_members(trainer)
     temperatures = [c.temperature for c in calibrations]
     net = trainer.network
@@ -160,6 +161,9 @@ def test_training_then_final_validation_fits_members_and_the_predictor_maps_each
     predictor.initialize_from_trained_model_folder(os.path.dirname(trainer.output_folder), [trainer.fold])
     maps = predictor.fold_calibrations[0].member_maps
     assert len(maps) == 4 and predictor.fold_calibrations[0].temperature == 1.0  # no fold T on the average
+    assert trainer.weights_file == "checkpoint_final.pth"
+    fitted = json.load(open(os.path.join(trainer.output_folder, "temperature.json")))["fitted_on"]
+    assert fitted["checkpoint"] == "checkpoint_final.pth"
     _, data, _ = next(iter(validation_cases(trainer)))
     out = predictor.predict_case(data, with_disagreement=True, with_mapped=True)
     net = trainer.network.eval()
@@ -169,6 +173,33 @@ def test_training_then_final_validation_fits_members_and_the_predictor_maps_each
     assert torch.allclose(out.mapped.exp(), sum(apply_top_label_map(p, m) for p, m in zip(members, maps)) / 4,
                           atol=1e-4)
     assert out.disagreement.shape == data.shape[1:] and 0 <= float(out.disagreement.min())
+
+
+def test_with_val_best_the_member_calibration_goes_with_checkpoint_best_and_final_is_left_alone(planned):
+    """``mfs_train --val_best`` loads checkpoint_best.pth before the final validation: the member temperatures
+    fitted on those weights go into that file (checkpoint_final.pth's weights untouched) and temperature.json names
+    it, so ``mfs_predict -chk checkpoint_final.pth`` does not apply maps fitted on other weights."""
+    import os
+
+    from medflowseg_nn.temperature import load_calibration
+    from medflowseg_nn.trainers.member_temperatures import calibrate_members
+    trainer = make_trainer(planned, MedFlowSegTrainer_ensemble4)
+    best, final = (os.path.join(trainer.output_folder, f"checkpoint_{n}.pth") for n in ("best", "final"))
+    trainer.save_checkpoint(best)
+    batch, _ = real_batches(trainer)
+    trainer.train_step(batch)
+    trainer.save_checkpoint(final)
+    final_before = torch.load(final, map_location="cpu", weights_only=False)["network_weights"]
+    trainer.load_checkpoint(best)
+    assert trainer.weights_file == "checkpoint_best.pth"
+    temperatures = [c.temperature for c in calibrate_members(trainer)]
+    final_after = torch.load(final, map_location="cpu", weights_only=False)["network_weights"]
+    assert all(torch.equal(final_before[k], final_after[k]) for k in final_before)
+    best_weights = torch.load(best, map_location="cpu", weights_only=False)["network_weights"]
+    assert best_weights["member_temperature"].tolist() == pytest.approx(temperatures) != [1.0] * 4
+    sampler = {"steps": 1, "solver": "euler", "num_samples": 1}
+    assert len(load_calibration(trainer.output_folder, sampler, "checkpoint_best.pth").member_maps) == 4
+    assert load_calibration(trainer.output_folder, sampler, "checkpoint_final.pth") is None
 
 
 def test_under_ddp_rank_0_fits_and_the_other_ranks_take_its_broadcast(planned, monkeypatch):
