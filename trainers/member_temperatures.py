@@ -103,7 +103,6 @@ def calibrate_members(trainer: Any, roi_dilation: int = 3) -> Optional[list[Fold
     a network that is not a packed ensemble. Under DDP (every rank calls it) rank 0 fits and broadcasts the result
     (``torch.distributed.broadcast_object_list``), so no rank repeats the member predictions and all hold the same
     temperatures for the final validation."""
-    from medflowseg_nn.inference.predictor import MedFlowSegPredictor
     field = unwrap(trainer.network)
     if not isinstance(field, MemberEnsembleField):
         return None
@@ -122,7 +121,7 @@ def calibrate_members(trainer: Any, roi_dilation: int = 3) -> Optional[list[Fold
         logger.warning("the network's weights are no checkpoint file of %s: the member temperatures are in no "
                        "checkpoint", trainer.output_folder)
     _, val_keys = trainer.do_split()
-    sampler = MedFlowSegPredictor.sampler_settings(trainer.flow_config.solver_config(), 1)
+    sampler = trainer.final_validation_sampler()
     save_temperature(trainer.output_folder, 1.0, {
         "cases": sorted(val_keys), "roi_dilation": roi_dilation, "objective": "NLL in the reference ROI, per member",
         "member_temperatures": [c.temperature for c in calibrations], "sampler": sampler,

@@ -277,6 +277,10 @@ class MedFlowSegTrainer(CheckpointFiles, nnUNetTrainer):
             self.print_to_log_file(f"Pseudo dice ({self.val_multistep_steps}-step Euler, "
                                    f"{len(self._multistep_stats)} batches)", [round(d, 4) for d in dice])
 
+    def final_validation_sampler(self) -> dict:
+        """The final validation's sampler settings (plans' solver, K = 1): what its calibrations are fitted for."""
+        return MedFlowSegPredictor.sampler_settings(self.flow_config.solver_config(), 1)
+
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         """nnU-Net's final validation through :class:`MedFlowSegPredictor` (plans' sampler, K = 1), then the fold's T
         on its probabilities (kept with ``--npz``); a packed ensemble's member T + maps instead, fitted first."""
@@ -287,7 +291,6 @@ class MedFlowSegTrainer(CheckpointFiles, nnUNetTrainer):
         if fit and self.local_rank == 0:
             fit_validation_temperature(
                 self.output_folder, os.path.join(self.preprocessed_dataset_folder_base, "gt_segmentations"),
-                self.dataset_json["file_ending"],
-                MedFlowSegPredictor.sampler_settings(self.flow_config.solver_config(), 1),
-                self.label_manager.ignore_label, keep_probabilities=save_probabilities, checkpoint=self.weights_file)
+                self.dataset_json["file_ending"], self.final_validation_sampler(), self.label_manager.ignore_label,
+                keep_probabilities=save_probabilities, checkpoint=self.weights_file)
 
