@@ -36,11 +36,17 @@ import common as C  # noqa: E402
 COLUMNS = ["seed", "model", "dice", "hd95", "ece", "aurc", "nll", "rho", "rho_all", "rho_ede", "rho_dis", "s_per_case"]
 
 
+PER_CASE = ("dice_fg", "entropy_roi", "entropy_all", "expected_dice_error")
+
+
 def summary_row(seed, model: str, scores) -> dict:
+    """The table's row of ``scores`` (``value_report.RunScores``), with ``per_case`` (Dice and the case-level
+    uncertainties of every case, for paired comparisons of the ρ columns) for the JSON."""
     s = scores.summary()
     return {"seed": seed, "model": model, "dice": s["dice_fg"], "hd95": s["hd95"], "ece": s["roi"]["ece"],
             "aurc": s["roi"]["aurc"], "nll": s["roi"]["nll"], "rho": s["spearman_roi"]["rho"],
-            "rho_all": s["spearman_all"]["rho"], "rho_ede": s["spearman_ede"]["rho"], "s_per_case": s["s_per_case"]}
+            "rho_all": s["spearman_all"]["rho"], "rho_ede": s["spearman_ede"]["rho"], "s_per_case": s["s_per_case"],
+            "per_case": {c: {k: row[k] for k in PER_CASE} for c, row in scores.cases.items()}}
 
 
 def score_cases(cases: Sequence[str], predict: Callable[[str], tuple[np.ndarray, float]], inputs: dict,
@@ -61,12 +67,14 @@ def roi_mean(values: np.ndarray, ref: np.ndarray, dilation: int) -> float:
 
 
 def rho_of(disagreement: dict, scores) -> dict:
-    """``{"rho_dis": ρ(mean ROI member disagreement, 1 − Dice)}`` over the scored cases; ``{}`` without values."""
+    """``{"rho_dis": ρ(mean ROI member disagreement, 1 − Dice), "disagreement": per case}`` over the scored cases;
+    ``{}`` without values."""
     from medflowseg_nn.calibration import spearman
     if not disagreement:
         return {}
     cases = list(scores.cases)
-    return {"rho_dis": spearman([disagreement[c] for c in cases], [1 - scores.cases[c]["dice_fg"] for c in cases]).rho}
+    return {"rho_dis": spearman([disagreement[c] for c in cases], [1 - scores.cases[c]["dice_fg"] for c in cases]).rho,
+            "disagreement": {c: disagreement[c] for c in cases}}
 
 
 def ours_rows(seed: int, args, bench, inputs: dict) -> tuple[list[dict], dict]:

@@ -34,6 +34,7 @@ def test_a_perfect_predictor_scores_dice_one_and_no_calibration_error():
     assert row["dice"] == pytest.approx(1.0) and row["ece"] == pytest.approx(0.0, abs=1e-6)
     assert row["aurc"] == pytest.approx(0.0, abs=1e-6) and row["s_per_case"] == pytest.approx(0.5)
     assert set(value_product.COLUMNS) - {"rho_dis"} <= set(row)  # rho_dis: rows of several members only
+    assert set(row["per_case"]) == set(inputs) and row["per_case"]["c1"]["dice_fg"] == pytest.approx(1.0)
 
 
 def test_a_right_but_underconfident_predictor_has_the_ece_computed_by_hand():
@@ -57,6 +58,7 @@ def test_fold_disagreement_and_its_rank_correlation_by_hand():
     scores = value_product.score_cases(list(inputs), lambda c: (one_hot(np.where(
         np.arange(8)[None, None, :] < 2 + int(c[1]), 0, inputs[c]["ref"])), 0.0), inputs, [1, 2], 1)
     assert value_product.rho_of(dis, scores)["rho_dis"] == pytest.approx(1.0)
+    assert value_product.rho_of(dis, scores)["disagreement"] == dis
     assert value_product.rho_of({}, scores) == {}
 
 
