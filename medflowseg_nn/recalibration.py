@@ -114,11 +114,13 @@ class RowSample:
         self._rows: list[list[np.ndarray]] = [[] for _ in range(n_streams)]
         self._y: list[np.ndarray] = []
         self._keys: list[np.ndarray] = []
-        self._count = 0
         self.seen = 0  # rows added in all
 
     def __len__(self) -> int:
-        return min(self._count, self.cap)
+        return min(self._held(), self.cap)
+
+    def _held(self) -> int:
+        return sum(len(y) for y in self._y)
 
     def add(self, rows: Sequence[np.ndarray], y: np.ndarray) -> None:
         """One case: ``rows[s] [N, C]`` of each stream on the same ``N`` voxels, labels ``y [N]``."""
@@ -128,9 +130,8 @@ class RowSample:
             kept.append(np.asarray(r))
         self._y.append(np.asarray(y))
         self._keys.append(self._rng.random(len(y)))
-        self._count += len(y)
         self.seen += len(y)
-        if self._count > 2 * self.cap:  # compact now and then: bounded memory, linear time
+        if self._held() > 2 * self.cap:  # compact now and then: bounded memory, linear time
             self._compact()
 
     def _compact(self) -> None:
@@ -138,7 +139,6 @@ class RowSample:
         keep = np.sort(np.argpartition(keys, self.cap - 1)[:self.cap]) if len(keys) > self.cap else slice(None)
         self._rows = [[np.concatenate(r)[keep]] for r in self._rows]
         self._y, self._keys = [np.concatenate(self._y)[keep]], [keys[keep]]
-        self._count = len(self._y[0])
 
     def result(self) -> tuple[list[np.ndarray], np.ndarray]:
         """``([rows [n, C] per stream], y [n])``, n = min(rows added, cap)."""

@@ -180,8 +180,8 @@ def fit_validation_temperature(fold_folder: str, gt_folder: str, file_ending: st
     unless ``keep_probabilities``, remove the ``.npz`` / ``.pkl`` files the validation wrote for it. Returns T."""
     validation = os.path.join(fold_folder, "validation")
     calibration, info = fit_calibration_on_folder(validation, gt_folder, file_ending, ignore_label=ignore_label)
-    info = {**info, "sampler": sampler, **({"checkpoint": checkpoint} if checkpoint is not None else {})}
-    save_temperature(fold_folder, calibration.temperature, info, calibration.top_label_map)
+    save_temperature(fold_folder, calibration.temperature, {**info, "sampler": sampler}, calibration.top_label_map,
+                     checkpoint=checkpoint)
     if not keep_probabilities:
         for name in os.listdir(validation):
             if name.endswith((".npz", ".pkl")):
@@ -192,11 +192,15 @@ def fit_validation_temperature(fold_folder: str, gt_folder: str, file_ending: st
 
 
 def save_temperature(folder: str, temperature: float, fitted_on: dict,
-                     top_label_map: Optional[TopLabelMap] = None, member_maps: Sequence[TopLabelMap] = ()) -> str:
+                     top_label_map: Optional[TopLabelMap] = None, member_maps: Sequence[TopLabelMap] = (),
+                     checkpoint: Optional[str] = None) -> str:
     """Write ``folder/temperature.json`` ({"temperature", "fitted_on"[, "top_label_map"][, "member_maps"]})
-    atomically; returns its path."""
+    atomically; returns its path. ``checkpoint`` (when known): the checkpoint file whose weights the fit was made
+    on, written as ``fitted_on["checkpoint"]`` (:func:`load_calibration` applies it only to those weights)."""
     FoldCalibration(float(temperature), top_label_map, tuple(member_maps))  # refuses what it could not load
     path = os.path.join(folder, TEMPERATURE_FILE)
+    if checkpoint is not None:
+        fitted_on = {**fitted_on, "checkpoint": checkpoint}
     content: dict = {"temperature": float(temperature), "fitted_on": fitted_on}
     if top_label_map is not None:
         content["top_label_map"] = top_label_map.to_dict()
@@ -234,17 +238,18 @@ def load_calibration(folder: str, sampler: Optional[dict] = None,
         raise UserError(f"{path} is not a temperature file ({e}); delete it or refit it") from e
     if not T_BOUNDS[0] <= value <= T_BOUNDS[1]:
         raise UserError(f"{path}: temperature {value} outside {T_BOUNDS}")
-    fitted_for = fitted_on(content).get("sampler")
+    fit = fitted_on(content)
+    fitted_for = fit.get("sampler")
     if sampler is not None and fitted_for is not None and fitted_for != sampler:
         logger.info("%s was fitted for %s, not %s: probabilities are not temperature-scaled", path, fitted_for,
                     sampler)
         return None
-    fitted_with = fitted_on(content).get("checkpoint")
+    fitted_with = fit.get("checkpoint")
     if checkpoint is not None and fitted_with is not None and fitted_with != checkpoint:
         logger.warning("%s was fitted on the weights of %s, not %s: probabilities are not calibrated (rerun the "
                        "fold's validation with these weights to fit them)", path, fitted_with, checkpoint)
         return None
-    pooled = fitted_on(content).get("pooled_folds")
+    pooled = fit.get("pooled_folds")
     logger.info("%s: T %.3f%s, fitted on %s", path, value, " + top-label map" if mapped else
                 f" + {len(members)} member maps" if members else "",
                 f"the pooled validations of {len(pooled)} folds (mfs_pool_calibration)" if pooled

@@ -125,9 +125,8 @@ def calibrate_members(trainer: Any, roi_dilation: int = 3) -> Optional[list[Fold
     save_temperature(trainer.output_folder, 1.0, {
         "cases": sorted(val_keys), "roi_dilation": roi_dilation, "objective": "NLL in the reference ROI, per member",
         "member_temperatures": [c.temperature for c in calibrations], "sampler": sampler,
-        "top_label_map": "isotonic, per member after its T, in the reference ROI",
-        **({"checkpoint": weights} if weights is not None else {})},
-        member_maps=[c.top_label_map for c in calibrations])
+        "top_label_map": "isotonic, per member after its T, in the reference ROI"},
+        member_maps=[c.top_label_map for c in calibrations], checkpoint=weights)
     return calibrations
 
 
